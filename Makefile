@@ -1,0 +1,39 @@
+# tpaserve developer entry points.
+#   make test   create .venv, install tpaserve[test], run the CPU test suite
+#   make serve  create .venv, install, serve the bundled demo model on 127.0.0.1:8000
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# On a machine without an NVIDIA driver take the CPU wheel of torch (this workplace keeps
+# torch 2.13.0+cpu in pip's find-links); with a driver, the regular CUDA build from the index.
+ifeq ($(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu),gpu)
+TORCH_SPEC ?= torch
+else
+TORCH_SPEC ?= torch==2.13.0
+endif
+PYTEST_ARGS ?=
+
+.PHONY: test test-gpu serve install clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/python scripts/check_install.py
+	touch $@
+
+install: $(BIN)/.installed
+
+# TRITON_INTERPRET=1: Triton kernels run on the CPU interpreter (no GPU here).
+test: $(BIN)/.installed
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not gpu and not slow" $(PYTEST_ARGS)
+
+test-gpu: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS)
+
+serve: $(BIN)/.installed
+	$(BIN)/tpaserve --host 127.0.0.1 --port 8000
+
+clean:
+	rm -rf $(VENV) build *.egg-info

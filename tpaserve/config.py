@@ -1,0 +1,121 @@
+"""Frozen, per-concern configuration. Every user-facing value is validated here with a
+message that shows the offending numbers; the engine trusts what it receives."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A configuration value a user gave (flag, config.json field) is invalid."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a T6 / T6-KVonly model (../shared/TPA.md section 2).
+
+    q_rank is None for T6-KVonly (queries are a plain linear d_model -> h*d_h).
+    """
+    n_layer: int
+    n_head: int
+    head_dim: int
+    n_embd: int
+    vocab_size: int
+    k_rank: int
+    v_rank: int
+    q_rank: int | None = None
+    max_position: int = 1024          # block_size in the authors' config: training context
+    using_groupnorm: bool = False
+    rope_base: float = 10000.0
+    name: str = "t6"
+
+    def __post_init__(self) -> None:
+        for f in ("n_layer", "n_head", "head_dim", "n_embd", "vocab_size", "k_rank", "v_rank",
+                  "max_position"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"model config: {f} must be a positive integer, got {v!r}")
+        if self.q_rank is not None and (not isinstance(self.q_rank, int) or self.q_rank < 1):
+            raise ConfigError(f"model config: q_rank must be a positive integer, got {self.q_rank!r}")
+        if self.head_dim % 2:
+            raise ConfigError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
+
+    @property
+    def kv_only(self) -> bool:
+        return self.q_rank is None
+
+    @property
+    def mlp_hidden(self) -> int:
+        # SwiGLU hidden size used by the authors: floor(8/3 * d_model)
+        return int(8 * self.n_embd / 3)
+
+    @property
+    def factor_elems_per_token_layer(self) -> int:
+        """Cache numbers per token per layer: (R_K + R_V)(h + d_h)."""
+        return (self.k_rank + self.v_rank) * (self.n_head + self.head_dim)
+
+    @property
+    def mha_equivalent_heads(self) -> int:
+        """Heads of a same-size MHA model: d_model / d_h (the paper's comparison)."""
+        return max(1, self.n_embd // self.head_dim)
+
+    @property
+    def mha_elems_per_token_layer(self) -> int:
+        return 2 * self.mha_equivalent_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """How the paged factor cache is sized. Exactly one of num_blocks / cache_memory /
+    gpu_memory_utilization decides the size (checked by the engine at start-up)."""
+    block_size: int = 16
+    num_blocks: int | None = None
+    cache_memory: int | None = None            # bytes
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    cpu_default_memory: int = 256 * 2**20      # CPU with nothing given: 256 MiB
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size > 1024:
+            raise ConfigError(f"--block-size must be in [1, 1024], got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ConfigError(f"--num-blocks must be >= 1, got {self.num_blocks}")
+        if self.cache_memory is not None and self.cache_memory < 1:
+            raise ConfigError(f"--cache-memory must be positive, got {self.cache_memory} bytes")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(
+                f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048   # token budget per engine step
+    max_num_seqs: int = 128              # running requests at once
+    max_model_len: int | None = None     # None: the model's max_position
+    max_queued_requests: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(
+                f"--max-num-batched-tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"--max-num-seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"--max-model-len must be >= 1, got {self.max_model_len}")
+        if self.max_queued_requests is not None and self.max_queued_requests < 0:
+            raise ConfigError(
+                f"--max-queued-requests must be >= 0, got {self.max_queued_requests}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    dtype: str = "float32"
+    device: str = "cpu"
+    enforce_eager: bool = False
+    seed: int = 0
+
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler.max_model_len or self.model.max_position

@@ -1,0 +1,88 @@
+"""Torch references for the paged factor-cache kernels (CPU engine backend and test oracle).
+
+Cache layout (one tensor per factor per layer; see engine/factor_cache.py):
+    ak_cache (num_blocks, block_size, h, R_K)      raw A_K
+    bk_cache (num_blocks, block_size, R_K, d_h)    B_K after RoPE
+    av_cache (num_blocks, block_size, h, R_V)      raw A_V
+    bv_cache (num_blocks, block_size, R_V, d_h)    B_V
+Token slot s lives at block s // block_size, offset s % block_size.
+
+Step metadata (built by the model runner):
+    slot_mapping    (T,)   int64  cache slot of each of the step's tokens; -1 = padding, skipped
+    query_start_loc (B+1,) int32  sequence i owns query rows qsl[i]:qsl[i+1]
+    seq_lens        (B,)   int32  context length of sequence i after this step (cached + new)
+    block_tables    (B, max_blocks) int32, row i lists sequence i's blocks in order
+The queries of sequence i sit at positions seq_lens[i] - n_i .. seq_lens[i] - 1 and attend
+causally over cache positions 0..pos (the step's factors are stored before attending).
+
+FlashTPA equations (../shared/TPA.md section 1), q already = A_Q B_Q / R_Q:
+    logit[t, h, m] = scale / R_K * sum_s A_K[m, h, s] * (q[t, h] . B_K[m, s])
+    out[t, h, :]   = 1 / R_V * sum_{m, u} p[t, h, m] * A_V[m, h, u] * B_V[m, u, :]
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """T6 RoPE (half-split, rotation by -theta). x (T, n, d_h); cos, sin (T, d_h/2) fp32."""
+    half = x.size(-1) // 2
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * c + x2 * s, -x1 * s + x2 * c), dim=-1).to(x.dtype)
+
+
+def store_factors_ref(ak, bk, av, bv, cos, sin, slot_mapping,
+                      ak_cache, bk_cache, av_cache, bv_cache) -> None:
+    """Write a step's factors into their slots, applying RoPE to B_K on the way.
+
+    ak (T, h, R_K), bk (T, R_K, d_h) *unrotated*, av (T, h, R_V), bv (T, R_V, d_h);
+    cos, sin (T, d_h/2); slot_mapping (T,), -1 rows are skipped.
+    """
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    bs = ak_cache.size(1)
+    blk, off = slots // bs, slots % bs
+    bk_rot = rope_ref(bk[keep], cos[keep], sin[keep])
+    ak_cache[blk, off] = ak[keep].to(ak_cache.dtype)
+    bk_cache[blk, off] = bk_rot.to(bk_cache.dtype)
+    av_cache[blk, off] = av[keep].to(av_cache.dtype)
+    bv_cache[blk, off] = bv[keep].to(bv_cache.dtype)
+
+
+def gather_sequence(cache: torch.Tensor, block_row: torch.Tensor, length: int) -> torch.Tensor:
+    """(num_blocks, bs, ...) cache, one block-table row -> (length, ...) in position order."""
+    bs = cache.size(1)
+    nblk = (length + bs - 1) // bs
+    return cache[block_row[:nblk].long()].flatten(0, 1)[:length]
+
+
+def paged_attention_ref(q, ak_cache, bk_cache, av_cache, bv_cache, block_tables, seq_lens,
+                        query_start_loc, scale: float | None = None) -> torch.Tensor:
+    """Causal attention of each sequence's query rows over its cached factors, in fp32,
+    never materialising k or v. q (T, h, d_h) -> (T, h, d_h) in q's dtype."""
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    out = torch.empty_like(q)
+    qsl = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for i, L in enumerate(lens):
+        qs, qe = qsl[i], qsl[i + 1]
+        if qe == qs:
+            continue
+        ak = gather_sequence(ak_cache, block_tables[i], L).float()   # (L, h, R_K)
+        bk = gather_sequence(bk_cache, block_tables[i], L).float()   # (L, R_K, d_h)
+        av = gather_sequence(av_cache, block_tables[i], L).float()   # (L, h, R_V)
+        bv = gather_sequence(bv_cache, block_tables[i], L).float()   # (L, R_V, d_h)
+        qi = q[qs:qe].float()                                         # (n, h, d_h)
+        qb = torch.einsum("nhd,msd->nhms", qi, bk)                   # (n, h, L, R_K)
+        logits = torch.einsum("nhms,mhs->nhm", qb, ak) * (scale / ak.size(-1))
+        pos = torch.arange(L - (qe - qs), L)                          # query positions
+        mask = torch.arange(L)[None, :] > pos[:, None]                # (n, L) future
+        logits.masked_fill_(mask[:, None, :], float("-inf"))
+        p = torch.softmax(logits, dim=-1)                             # (n, h, L)
+        w = torch.einsum("nhm,mhu->nhmu", p, av)                      # (n, h, L, R_V)
+        out[qs:qe] = (torch.einsum("nhmu,mud->nhd", w, bv) / av.size(-1)).to(q.dtype)
+    return out
