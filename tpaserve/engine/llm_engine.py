@@ -1,0 +1,276 @@
+"""The engine: one step = schedule -> execute -> update, and the offline `LLM` API on top.
+
+    sched = scheduler.schedule()            which requests, how many tokens each
+    result = runner.execute(sched)          sampled tokens and logprobs (plain lists)
+    scheduler.update(sched, result)         append tokens, token-level stops, free finished
+    -> RequestOutput per request touched    text deltas, stop strings, finish reasons
+
+A client request with n > 1 becomes n scheduler requests "<id>#<i>"; the siblings fork
+the first one's prompt blocks instead of computing the prompt again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tpaserve.config import ConfigError, EngineConfig
+from tpaserve.engine.block_manager import BlockManager
+from tpaserve.engine.factor_cache import FactorCache, FactorCacheSpec
+from tpaserve.engine.model_runner import ModelRunner
+from tpaserve.engine.output_processor import SequenceState, StopStringMatcher
+from tpaserve.engine.outputs import CompletionOutput, RequestOutput, RunnerOutput
+from tpaserve.engine.request import Request, RequestStatus
+from tpaserve.engine.sampler import Sampler
+from tpaserve.engine.scheduler import RequestRejected, Scheduler
+from tpaserve.models.t6 import T6
+from tpaserve.sampling_params import SamplingParams
+
+logger = logging.getLogger("tpaserve.engine")
+
+
+@dataclass
+class _Group:
+    """A client request: its n sequences and what is shared between them."""
+    request_id: str
+    prompt_token_ids: list[int]
+    seq_ids: list[str]
+    arrival_time: float
+    prompt_logprobs: list | None = None
+    first_token_time: float | None = None
+    finished_at: float | None = None
+    seqs: dict[str, SequenceState] = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, model: T6, config: EngineConfig, tokenizer=None, num_blocks: int | None = None):
+        self.model, self.config, self.tokenizer = model, config, tokenizer
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        mcfg = model.cfg
+        if config.max_model_len > mcfg.max_position:
+            raise ConfigError(f"--max-model-len {config.max_model_len} exceeds the model's trained "
+                              f"context ({mcfg.max_position} tokens, config.json block_size)")
+        self.max_model_len = config.max_model_len
+        self.spec = FactorCacheSpec.from_model(mcfg, self.dtype, config.cache.block_size)
+        num_blocks = num_blocks or self._num_blocks()
+        self.cache = FactorCache(self.spec, num_blocks, self.device)
+        self.blocks = BlockManager(num_blocks, config.cache.block_size,
+                                   config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.blocks, self.max_model_len)
+        self.vocab_size = tokenizer.vocab_size if tokenizer is not None else mcfg.vocab_size
+        self.vocab_size = min(self.vocab_size, mcfg.vocab_size)
+        self.eos_token_id = tokenizer.eos_token_id if tokenizer is not None else None
+        self.sampler = Sampler(self.vocab_size, self.eos_token_id, seed=config.seed)
+        self.runner = ModelRunner(model, self.cache, self.sampler, self.device)
+        self.groups: dict[str, _Group] = {}
+        self.seq_to_group: dict[str, _Group] = {}
+        self.stats = dict(steps=0, prompt_tokens=0, generation_tokens=0)
+        logger.info(self.spec.summary(num_blocks))
+
+    # ---- sizing ----------------------------------------------------------------------------
+    def _num_blocks(self) -> int:
+        c = self.config.cache
+        if c.num_blocks is not None:
+            return c.num_blocks
+        if c.cache_memory is not None:
+            n = self.spec.num_blocks_for(c.cache_memory)
+        elif self.device.type == "cuda":
+            n = self._profile_cuda_blocks()
+        else:
+            n = self.spec.num_blocks_for(c.cpu_default_memory)
+        if n < 1:
+            raise ConfigError(f"the factor cache gets no block: one block needs "
+                              f"{self.spec.bytes_per_block} bytes; give more --cache-memory or "
+                              f"--gpu-memory-utilization")
+        return n
+
+    def _profile_cuda_blocks(self) -> int:
+        """Blocks that fit in utilization * device memory after the weights and the
+        activation peak of a full-budget step (measured by running one)."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n_tok = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
+        probe = FactorCache(self.spec, self.spec.n_layer and -(-n_tok // self.spec.block_size), self.device)
+        runner = ModelRunner(self.model, probe, self.sampler, self.device)
+        from tpaserve.engine.outputs import ScheduledRequest, SchedulerOutput
+        sr = ScheduledRequest("profile", [0] * n_tok, 0, list(range(probe.num_blocks)), True,
+                              SamplingParams(max_tokens=1), [0] * n_tok, [])
+        runner.execute(SchedulerOutput([sr]))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - probe.nbytes
+        del probe, runner
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        budget = int(total * self.config.cache.gpu_memory_utilization) - peak
+        logger.info("memory profile: peak %.2f GiB (weights + activations), total %.2f GiB, "
+                    "cache budget %.2f GiB", peak / 2**30, total / 2**30, budget / 2**30)
+        return self.spec.num_blocks_for(max(budget, 0))
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams | None = None, priority: int = 0,
+                    arrival_time: float | None = None) -> None:
+        """Validate and queue. Raises RequestRejected (never fits / bad tokens) or
+        QueueFull; on error nothing is queued."""
+        params = params or SamplingParams()
+        if request_id in self.groups:
+            raise RequestRejected(f"request id {request_id!r} is already in flight", "request_id")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestRejected(f"prompt token id {bad[0]} is outside the vocabulary "
+                                  f"[0, {self.vocab_size})", "prompt")
+        params.verify_vocab(self.vocab_size)
+        if params.stop and self.tokenizer is None:
+            raise RequestRejected("stop strings need a tokenizer; this engine has none", "stop")
+        n_prompt = len(prompt_token_ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None \
+            else max(self.max_model_len - n_prompt, 0)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        group = _Group(request_id, list(prompt_token_ids), [], arrival)
+        reqs = []
+        for i in range(params.n):
+            p = params
+            if i > 0:   # siblings: their own seed stream, prompt logprobs come once
+                p = dataclasses.replace(params, prompt_logprobs=None,
+                                        seed=None if params.seed is None else params.seed + i)
+            sid = f"{request_id}#{i}"
+            reqs.append(Request(sid, list(prompt_token_ids), p, max_tokens, self.eos_token_id,
+                                priority, arrival, fork_of=f"{request_id}#0" if i else None))
+            group.seq_ids.append(sid)
+            group.seqs[sid] = SequenceState(i, p, self._detokenizer(prompt_token_ids, p),
+                                            StopStringMatcher(tuple(p.stop), p.include_stop_str_in_output))
+        added = []
+        try:
+            for r in reqs:
+                self.scheduler.add_request(r)
+                added.append(r)
+        except Exception:
+            for r in added:
+                self.scheduler.finish(r.request_id, RequestStatus.FINISHED_ABORTED)
+            raise
+        if params.prompt_logprobs is not None:
+            group.prompt_logprobs = [None]
+        self.groups[request_id] = group
+        for sid in group.seq_ids:
+            self.seq_to_group[sid] = group
+
+    def _detokenizer(self, prompt_ids, params: SamplingParams):
+        if self.tokenizer is None:
+            return None
+        from tpaserve.models.tokenizer import IncrementalDetokenizer
+        return IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now; its blocks are free when this returns."""
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return
+        for sid in group.seq_ids:
+            self.scheduler.finish(sid, RequestStatus.FINISHED_ABORTED)
+            self.seq_to_group.pop(sid, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    # ---- the step --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.requests:
+            if sched.finished_ids:
+                self.runner.execute(sched)           # lets the runner drop finished state
+            return []
+        result: RunnerOutput = self.runner.execute(sched)
+        changed = self.scheduler.update(sched, result)
+        self.stats["steps"] += 1
+        now = time.monotonic()
+        touched: dict[str, _Group] = {}
+        for s in sched.requests:
+            if s.request_id in self.seq_to_group:
+                self.stats["prompt_tokens"] += max(0, min(s.start_pos + s.num_tokens, len(s.prompt_token_ids)) - s.start_pos)
+        for req in changed:
+            group = self.seq_to_group.get(req.request_id)
+            if group is None:
+                continue
+            touched[group.request_id] = group
+            seq = group.seqs[req.request_id]
+            if req.request_id in result.prompt_logprobs and group.prompt_logprobs is not None:
+                group.prompt_logprobs.extend(result.prompt_logprobs[req.request_id])
+            lp = result.logprobs.get(req.request_id)
+            n_new = req.num_output_tokens - seq.num_tokens_seen
+            self.stats["generation_tokens"] += n_new
+            if n_new and group.first_token_time is None:
+                group.first_token_time = now
+            hit = seq.advance(req.output_token_ids, [lp] if lp is not None and n_new else [],
+                              req.status.finish_reason, req.stop_reason)
+            if hit is not None and not req.is_finished:
+                self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED)
+        return [self._output(g, now) for g in touched.values()]
+
+    def _output(self, group: _Group, now: float) -> RequestOutput:
+        outs = [group.seqs[sid].out for sid in group.seq_ids]
+        finished = all(o.finished for o in outs)
+        if finished:
+            group.finished_at = now
+            del self.groups[group.request_id]
+            for sid in group.seq_ids:
+                self.seq_to_group.pop(sid, None)
+        first = self.scheduler.requests.get(group.seq_ids[0])
+        return RequestOutput(
+            request_id=group.request_id, prompt_token_ids=group.prompt_token_ids,
+            outputs=[_snapshot(o, finished) for o in outs], finished=finished,
+            prompt_logprobs=list(group.prompt_logprobs) if finished and group.prompt_logprobs is not None else None,
+            num_cached_tokens=first.num_cached_tokens if first is not None else 0)
+
+
+def _snapshot(o: CompletionOutput, full: bool) -> CompletionOutput:
+    """A copy the consumer may keep while the engine moves on. Cumulative lists are
+    copied on the final output only (copying them every step would cost O(n^2))."""
+    return dataclasses.replace(
+        o, token_ids=list(o.token_ids) if full else [],
+        logprobs=(list(o.logprobs) if full else []) if o.logprobs is not None else None,
+        token_ids_delta=list(o.token_ids_delta), logprobs_delta=list(o.logprobs_delta))
+
+
+class LLM:
+    """Offline generation: LLM(model).generate(prompts, params) -> one RequestOutput each."""
+
+    def __init__(self, model, tokenizer=None, **engine_args):
+        from tpaserve.engine.factory import build_engine
+        self.engine = build_engine(model, tokenizer=tokenizer, **engine_args)
+        self._ids = itertools.count()
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        prompts = _as_prompt_list(prompts)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        order = []
+        for prompt, p in zip(prompts, params):
+            rid = str(next(self._ids))
+            ids = self._encode(prompt)
+            self.engine.add_request(rid, ids, p)
+            order.append(rid)
+        done: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[r] for r in order]
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.engine.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; pass token ids or a tokenizer")
+            return self.engine.tokenizer.encode(prompt)
+        return list(prompt)
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)

@@ -1,0 +1,99 @@
+"""Executes one scheduled step on the model. The only place where the scheduler's lists
+become device tensors:
+
+    SchedulerOutput -> token ids (T,), positions (T,), slot mapping (T,), block tables
+    (B, max_blocks), sequence lengths (B,), query start locations (B+1,)
+    -> model forward through PagedAttention (store factors, attend over the cache)
+    -> logits for the rows that sample or score prompt tokens only -> Sampler
+    -> RunnerOutput (plain lists)
+
+It also owns per-request device state that must outlive a step: the seeded generators,
+dropped when the scheduler reports the request finished (a preempted request keeps its
+generator, so recomputation does not change what it samples next).
+"""
+from __future__ import annotations
+
+import torch
+
+from tpaserve.engine.factor_cache import FactorCache
+from tpaserve.engine.outputs import RunnerOutput, SchedulerOutput
+from tpaserve.engine.paged_attention import PagedAttention, StepMetadata, select_ops
+from tpaserve.engine.sampler import Sampler, SamplingRow, compute_logprobs
+from tpaserve.models.t6 import T6
+
+
+class ModelRunner:
+    def __init__(self, model: T6, cache: FactorCache, sampler: Sampler, device: torch.device):
+        self.model, self.cache, self.sampler, self.device = model, cache, sampler, device
+        self.block_size = cache.spec.block_size
+        self.ops = select_ops(device)
+        self.generators: dict[str, torch.Generator] = {}
+
+    def _generator(self, request_id: str, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        g = self.generators.get(request_id)
+        if g is None:
+            g = self.generators[request_id] = torch.Generator(device=self.device).manual_seed(seed)
+        return g
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        for rid in sched.finished_ids:
+            self.generators.pop(rid, None)
+        if not sched.requests:
+            return RunnerOutput(sampled={})
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        qsl, seq_lens = [0], []
+        sample_rows: list[int] = []
+        plp: list[tuple[str, list[int], list[int], int]] = []   # (rid, rows, targets, top)
+        for r in sched.requests:
+            s, n, table = r.start_pos, r.num_tokens, r.block_ids
+            ids.extend(r.token_ids)
+            positions.extend(range(s, s + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(s, s + n))
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(s + n)
+            if r.sample:
+                sample_rows.append(qsl[-1] - 1)
+            if r.prompt_logprobs_from is not None:
+                last = min(s + n, len(r.prompt_token_ids) - 1)
+                ps = range(r.prompt_logprobs_from, last + 1)
+                plp.append((r.request_id, [qsl[-2] + p - 1 - s for p in ps],
+                            r.prompt_token_ids[ps.start:ps.stop], r.params.prompt_logprobs))
+        max_blocks = max(len(r.block_ids) for r in sched.requests)
+        tables = [r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in sched.requests]
+
+        dev, i32 = self.device, torch.int32
+        meta = StepMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=i32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=i32, device=dev),
+            block_tables=torch.tensor(tables, dtype=i32, device=dev),
+            max_query_len=max(r.num_tokens for r in sched.requests),
+            max_seq_len=max(seq_lens))
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
+        hidden = self.model(input_ids, pos_t, PagedAttention(self.cache, meta, self.ops))  # (T, d)
+
+        out = RunnerOutput(sampled={})
+        sampling = [r for r in sched.requests if r.sample]
+        if sampling:
+            logits = self.model.compute_logits(hidden[sample_rows])          # (S, V) fp32
+            rows = [SamplingRow(params=r.params, prompt_token_ids=r.prompt_token_ids,
+                                output_token_ids=r.output_token_ids,
+                                generator=self._generator(r.request_id, r.params.seed))
+                    for r in sampling]
+            res = self.sampler(logits, rows)
+            for i, r in enumerate(sampling):
+                out.sampled[r.request_id] = res.token_ids[i]
+                if res.logprobs is not None and r.params.logprobs is not None:
+                    out.logprobs[r.request_id] = res.logprobs[i]
+        for rid, rows, targets, top in plp:
+            logits = self.model.compute_logits(hidden[rows])
+            out.prompt_logprobs[rid] = compute_logprobs(logits, targets, top,
+                                                         vocab_size=self.sampler.vocab_size)
+        return out
