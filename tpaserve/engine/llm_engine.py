@@ -32,6 +32,12 @@ from tpaserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("tpaserve.engine")
 
+MAX_CONSECUTIVE_FAILURES = 3
+
+
+class EngineDeadError(RuntimeError):
+    """The engine cannot continue; every request in flight fails with this."""
+
 
 @dataclass
 class _Group:
@@ -67,6 +73,7 @@ class LLMEngine:
         self.eos_token_id = tokenizer.eos_token_id if tokenizer is not None else None
         self.sampler = Sampler(self.vocab_size, self.eos_token_id, seed=config.seed)
         self.runner = ModelRunner(model, self.cache, self.sampler, self.device)
+        self.consecutive_failures = 0
         self.groups: dict[str, _Group] = {}
         self.seq_to_group: dict[str, _Group] = {}
         self.stats = dict(steps=0, prompt_tokens=0, generation_tokens=0)
@@ -183,7 +190,11 @@ class LLMEngine:
             if sched.finished_ids:
                 self.runner.execute(sched)           # lets the runner drop finished state
             return []
-        result: RunnerOutput = self.runner.execute(sched)
+        try:
+            result: RunnerOutput = self.runner.execute(sched)
+        except Exception as exc:                       # noqa: BLE001 - reported per request
+            return self._fail_step(sched, exc)
+        self.consecutive_failures = 0
         changed = self.scheduler.update(sched, result)
         self.stats["steps"] += 1
         now = time.monotonic()
@@ -209,6 +220,30 @@ class LLMEngine:
             if hit is not None and not req.is_finished:
                 self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED)
         return [self._output(g, now) for g in touched.values()]
+
+    def _fail_step(self, sched, exc: Exception) -> list[RequestOutput]:
+        """A step raised: the requests in it fail (their clients get an error), the rest of
+        the engine goes on. Half-written blocks may be hashed, so the prefix cache is
+        dropped. After MAX_CONSECUTIVE_FAILURES failed steps in a row the engine is dead."""
+        self.consecutive_failures += 1
+        logger.exception("engine step failed (%d in a row)", self.consecutive_failures,
+                         exc_info=exc)
+        message = f"the engine step failed: {type(exc).__name__}: {exc}"
+        outs = []
+        for s in sched.requests:
+            group = self.seq_to_group.get(s.request_id)
+            if group is None or group.request_id not in self.groups:
+                continue
+            for sid in group.seq_ids:
+                self.scheduler.finish(sid, RequestStatus.FINISHED_ERROR)
+                group.seqs[sid].out.finish_reason = "error"
+            out = self._output(group, time.monotonic())
+            out.error = message
+            outs.append(out)
+        self.blocks.reset_prefix_cache()
+        if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+            raise EngineDeadError(message) from exc
+        return outs
 
     def _output(self, group: _Group, now: float) -> RequestOutput:
         outs = [group.seqs[sid].out for sid in group.seq_ids]

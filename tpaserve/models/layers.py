@@ -28,11 +28,13 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (d_h/2,)
+        # fp32 always: a plain attribute, not a buffer, so model.to(bfloat16) cannot round it
+        self._inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        theta = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # (T, d_h/2)
+        if self._inv_freq.device != positions.device:
+            self._inv_freq = self._inv_freq.to(positions.device)
+        theta = positions.to(torch.float32)[:, None] * self._inv_freq[None, :]  # (T, d_h/2)
         return theta.cos(), theta.sin()
 
     # (T, n, d_h) x (T, d_h/2) cos, sin -> rotated (T, n, d_h); one definition, shared with

@@ -1,0 +1,157 @@
+"""The engine for the HTTP server: LLMEngine.step() runs in one background thread, and each
+request is an async iterator of RequestOutputs on the server's event loop.
+
+Only the step thread touches the LLMEngine. The event loop talks to it through a command
+queue (add, abort) and gets outputs back through loop.call_soon_threadsafe, so neither
+side blocks the other. A consumer that stops iterating (client disconnect, cancellation)
+aborts its request; the abort is applied before the next step, so its blocks are free
+within one step.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from tpaserve.engine.llm_engine import EngineDeadError, LLMEngine
+from tpaserve.engine.outputs import RequestOutput
+from tpaserve.sampling_params import SamplingParams
+
+logger = logging.getLogger("tpaserve.engine")
+
+
+class EngineDead(RuntimeError):
+    """Raised to every waiting client once the step loop has died."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.dead: BaseException | None = None
+        self.num_in_flight = 0
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="tpaserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead is None
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._commands.put(("wake",))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- requests ------------------------------------------------------------------------
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Admit the request (admission errors raise here, before anything is yielded),
+        then yield its outputs until it finishes."""
+        if self.dead is not None:
+            raise EngineDead(f"the engine has stopped: {self.dead}")
+        stream: asyncio.Queue = asyncio.Queue()
+        admitted = self._loop.create_future()
+        self._streams[request_id] = stream
+        self._commands.put(("add", request_id, prompt_token_ids, params, priority, admitted))
+        try:
+            await admitted
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        self.num_in_flight += 1
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self.num_in_flight -= 1
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    # ---- the step thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        eng = self.engine
+        try:
+            while not self._stop.is_set():
+                self._drain(block=not eng.has_unfinished_requests())
+                if not eng.has_unfinished_requests():
+                    continue
+                for out in eng.step():
+                    self._emit(out.request_id, out)
+        except BaseException as exc:             # noqa: BLE001 - the loop must report it
+            logger.exception("engine loop died")
+            self.dead = exc if isinstance(exc, EngineDeadError) else EngineDead(repr(exc))
+            for rid in list(self._streams):
+                self._emit(rid, EngineDead(f"the engine has stopped: {exc}"))
+            self._fail_pending_admissions()
+
+    def _drain(self, block: bool) -> None:
+        try:
+            cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(cmd)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, cmd: tuple) -> None:
+        if cmd[0] == "add":
+            _, rid, ids, params, priority, fut = cmd
+            try:
+                self.engine.add_request(rid, ids, params, priority)
+            except Exception as exc:             # noqa: BLE001 - handed to the caller
+                self._loop.call_soon_threadsafe(_set_exception, fut, exc)
+            else:
+                self._loop.call_soon_threadsafe(_set_result, fut, None)
+        elif cmd[0] == "abort":
+            self.engine.abort_request(cmd[1])
+
+    def _fail_pending_admissions(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                self._loop.call_soon_threadsafe(_set_exception, cmd[5], EngineDead("the engine has stopped"))
+
+    def _emit(self, request_id: str, item) -> None:
+        def put() -> None:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.put_nowait(item)
+        self._loop.call_soon_threadsafe(put)
+
+
+def _set_result(fut: asyncio.Future, value) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

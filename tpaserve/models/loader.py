@@ -1,0 +1,342 @@
+"""Loading and writing the authors' T6 checkpoint directories (../shared/TPA.md section 3).
+
+A checkpoint is a directory: config.json plus the weights in one of, by preference,
+    model.safetensors | model.safetensors.index.json (shards) |
+    pytorch_model.bin | pytorch_model.bin.index.json (shards)
+Rules, decided once here:
+- T6 vs T6-KVonly is decided by the weight KEYS (c_q.weight => KVonly), not the config:
+  the authors' KVonly configs may still carry q_rank.
+- Keys may carry torch.compile's `_orig_mod.` prefix; it is stripped.
+- lm_head.weight is the tied embedding: it may be absent, present alongside
+  transformer.wte.weight (same shape required; if the values differ we warn and keep wte,
+  since the model ties them), or present alone (then it is the embedding).
+- Keys whose last name is a known non-parameter buffer (IGNORED_BUFFERS: rotary caches,
+  nanoGPT's causal-mask `attn.bias`) are ignored. Anything else the model lacks is an error.
+- .bin files are read with torch.load(weights_only=True) only: never arbitrary unpickling.
+Loading builds the model on the meta device, checks every key and shape before reading any
+data, then reads one tensor at a time, casting it and moving it to the device, so at most one
+source tensor is alive next to the target-dtype model.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from tpaserve.config import ConfigError, ModelConfig
+from tpaserve.models.layers import Rotary
+from tpaserve.models.t6 import T6
+
+CONFIG_FILE = "config.json"
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, BIN, BIN_INDEX)      # lookup order
+COMPILED_PREFIX = "_orig_mod."
+EMBEDDING, LM_HEAD = "transformer.wte.weight", "lm_head.weight"
+KV_ONLY_QUERY = "attn.c_qkv.c_q.weight"
+# Last dotted names of buffers the authors' modules may have saved; never parameters.
+# "bias" is only a buffer directly under attn (the causal mask); attn.c_proj.bias is a bias.
+IGNORED_BUFFERS = ("inv_freq", "cos_cached", "sin_cached", "freqs_cis", "masked_bias")
+IGNORED_ATTN_BUFFERS = ("attn.bias",)
+REQUIRED_FIELDS = ("n_layer", "n_head", "head_dim", "n_embd", "vocab_size", "block_size")
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+          "fp16": torch.float16, "half": torch.float16, "float32": torch.float32,
+          "fp32": torch.float32, "float": torch.float32}
+MAX_LISTED = 20                                       # problems listed in one error message
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, unreadable, unsafe or does not match T6."""
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """"auto" -> bf16 on cuda, fp32 elsewhere; names and aliases in DTYPES; a floating
+    torch.dtype passes through (tests use float64)."""
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ConfigError(f"--dtype must be a floating-point dtype, got {dtype}")
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if resolve_device(device).startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not supported; choose one of: auto, "
+                          + ", ".join(DTYPES))
+    return DTYPES[dtype]
+
+
+# ---------------------------------------------------------------------------- reading
+
+def _weight_files(root: Path) -> list[Path]:
+    """The files holding the weights, for the first format found in WEIGHT_FILES."""
+    for name in WEIGHT_FILES:
+        f = root / name
+        if not f.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [f]
+        try:
+            weight_map = json.loads(f.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{f}: not a shard index with a weight_map ({e!r})") from e
+        shards = [root / s for s in sorted(set(weight_map.values()))]
+        absent = [s.name for s in shards if not s.is_file()]
+        if absent:
+            raise CheckpointError(f"{f} names shard files that do not exist: {absent}")
+        return shards
+    raise CheckpointError(f"no weights in {root}: looked for " + ", ".join(WEIGHT_FILES))
+
+
+def _torch_load(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:                 # legacy (pre-zip) format cannot be mmapped
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is a page of advice; keep its one line that names the object.
+        m = re.search(r"Unpickler error:\s*(.+?)(\.\s|\n|$)", str(e))
+        reason = m.group(1) if m else type(e).__name__
+        raise CheckpointError(
+            f"{f}: refused to unpickle arbitrary objects: tpaserve reads .bin weights with "
+            f"torch.load(weights_only=True) and this file holds more than tensors ({reason}). "
+            "Save a plain state dict, or convert it to model.safetensors.") from e
+    except (RuntimeError, OSError, EOFError) as e:
+        raise CheckpointError(f"{f}: cannot read as a torch state dict: {e}") from e
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{f}: expected a state dict (name -> tensor), "
+                              f"found {type(sd).__name__}")
+    for k, v in sd.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{f}: entry {k!r} is a {type(v).__name__}, not a tensor")
+    return sd
+
+
+def _shapes(f: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of one weight file, without reading tensor data."""
+    if f.suffix == ".safetensors":
+        try:
+            with safe_open(f, framework="pt") as st:
+                return {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
+        except Exception as e:   # safetensors raises its own SafetensorError for bad headers
+            raise CheckpointError(f"{f}: cannot read as safetensors: {e}") from e
+    return {k: tuple(v.shape) for k, v in _torch_load(f).items()}
+
+
+def _tensors(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    if f.suffix == ".safetensors":
+        with safe_open(f, framework="pt") as st:
+            for k in st.keys():
+                yield k, st.get_tensor(k)
+    else:
+        yield from _torch_load(f).items()
+
+
+def _canonical(key: str) -> str | None:
+    """Checkpoint key -> parameter name, or None for an ignored buffer."""
+    key = key.removeprefix(COMPILED_PREFIX)
+    if key.rsplit(".", 1)[-1] in IGNORED_BUFFERS or key.endswith(IGNORED_ATTN_BUFFERS):
+        return None
+    return key
+
+
+def _index(root: Path) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
+    """Parameter name -> (file, key in file, shape), over all weight files."""
+    index: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+    for f in _weight_files(root):
+        for key, shape in _shapes(f).items():
+            name = _canonical(key)
+            if name is None:
+                continue
+            if name in index:
+                raise CheckpointError(f"tensor {name!r} appears twice: as {index[name][1]!r} "
+                                      f"in {index[name][0].name} and as {key!r} in {f.name}")
+            index[name] = (f, key, shape)
+    return index
+
+
+# ---------------------------------------------------------------------------- config
+
+def _config(root: Path, names: set[str]) -> ModelConfig:
+    f = root / CONFIG_FILE
+    if not f.is_file():
+        raise CheckpointError(f"no {CONFIG_FILE} in {root}")
+    try:
+        raw = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{f}: expected a JSON object, found {type(raw).__name__}")
+    kv_only = any(n.endswith(KV_ONLY_QUERY) for n in names)   # the keys decide, not q_rank
+    missing = [k for k in REQUIRED_FIELDS if k not in raw]
+    if "rank" not in raw and not ("k_rank" in raw and "v_rank" in raw):
+        missing.append("rank")
+    if not kv_only and "q_rank" not in raw:
+        missing.append("q_rank")
+    if missing:
+        raise CheckpointError(f"{f} is not a T6 config (model_type {raw.get('model_type')!r}): "
+                              f"missing fields {', '.join(missing)}")
+    if raw.get("bias", False):
+        raise CheckpointError(f"{f} has bias=true: tpaserve supports bias-free T6 only "
+                              "(the authors' models are trained with bias=false)")
+    groupnorm = raw.get("using_groupnorm")
+    if groupnorm is None:                           # absent: the subln weights tell
+        groupnorm = any(n.endswith("attn.subln.weight") for n in names)
+    try:
+        return ModelConfig(
+            n_layer=raw["n_layer"], n_head=raw["n_head"], head_dim=raw["head_dim"],
+            n_embd=raw["n_embd"], vocab_size=raw["vocab_size"],
+            k_rank=raw.get("k_rank", raw.get("rank")), v_rank=raw.get("v_rank", raw.get("rank")),
+            q_rank=None if kv_only else raw["q_rank"], max_position=raw["block_size"],
+            using_groupnorm=bool(groupnorm), rope_base=float(raw.get("rope_base", 10000.0)),
+            name=str(raw.get("name", root.resolve().name)))
+    except ConfigError as e:
+        raise CheckpointError(f"{f}: {e}") from e
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint {root} is not a directory")
+    return _config(root, set(_index(root)))
+
+
+# ---------------------------------------------------------------------------- loading
+
+def _check(index: dict, expected: dict[str, tuple[int, ...]], root: Path, cfg: ModelConfig):
+    """One CheckpointError listing every missing, unexpected or mis-shaped tensor."""
+    def shape(s):
+        return "(" + ", ".join(map(str, s)) + ")"
+    problems = []
+    if LM_HEAD in index and index[LM_HEAD][2] != expected[EMBEDDING]:
+        problems.append(f"tensor {LM_HEAD!r} (tied to {EMBEDDING}): expected shape "
+                        f"{shape(expected[EMBEDDING])}, found {shape(index[LM_HEAD][2])}")
+    for name, exp in expected.items():
+        if name not in index:
+            problems.append(f"missing tensor {name!r}: expected shape {shape(exp)}, found none")
+        elif index[name][2] != exp:
+            problems.append(f"tensor {name!r}: expected shape {shape(exp)}, "
+                            f"found {shape(index[name][2])}")
+    for name in sorted(index.keys() - expected.keys() - {LM_HEAD}):
+        problems.append(f"unexpected tensor {name!r}: expected none, "
+                        f"found shape {shape(index[name][2])}")
+    if problems:
+        more = len(problems) - MAX_LISTED
+        kind = "T6-KVonly" if cfg.kv_only else "T6"
+        raise CheckpointError(
+            f"checkpoint {root} does not match {kind} as its config describes it "
+            f"(n_layer={cfg.n_layer}, n_head={cfg.n_head}, head_dim={cfg.head_dim}, "
+            f"n_embd={cfg.n_embd}, ranks q/k/v={cfg.q_rank}/{cfg.k_rank}/{cfg.v_rank}):\n  "
+            + "\n  ".join(problems[:MAX_LISTED]) + (f"\n  ... and {more} more" if more > 0 else ""))
+
+
+def load(path: str | Path, dtype: str | torch.dtype = "auto", device: str = "auto") -> T6:
+    """Checkpoint directory -> T6 in eval mode, no grads, weights in dtype on device."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint {root} is not a directory")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    index = _index(root)
+    cfg = _config(root, set(index))
+    with torch.device("meta"):
+        model = T6(cfg)
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}  # lm_head is wte
+    if LM_HEAD in index and EMBEDDING not in index:
+        index[EMBEDDING] = index.pop(LM_HEAD)       # only the head was saved: it is wte
+    _check(index, expected, root, cfg)
+
+    wanted = {(f, key): name for name, (f, key, _) in index.items()}
+    head = None                                     # lm_head copy, compared with wte at the end
+    for f in dict.fromkeys(f for f, _ in wanted):
+        for key, t in _tensors(f):
+            name = wanted.get((f, key))
+            if name is None:
+                continue                            # an ignored buffer
+            if not t.is_floating_point():
+                raise CheckpointError(f"{f.name}: tensor {key!r} has dtype {t.dtype}, "
+                                      "expected floating point")
+            t = t.to(device=device, dtype=dtype, copy=True).contiguous()  # detach from mmap
+            if name == LM_HEAD:
+                head = t
+                continue
+            mod, _, leaf = name.rpartition(".")
+            model.get_submodule(mod)._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+            del t
+    model.lm_head.weight = model.transformer.wte.weight                  # re-tie
+    if head is not None and not torch.equal(head, model.transformer.wte.weight):
+        warnings.warn(f"{root}: lm_head.weight differs from transformer.wte.weight; T6 ties "
+                      "them, so the embedding is used for both", stacklevel=2)
+    # The only buffer: RoPE frequencies, rebuilt in fp32 (never cast to the weight dtype).
+    model.rotary = Rotary(cfg.head_dim, cfg.rope_base).to(device)
+    return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------- writing
+
+def _authors_config(cfg: ModelConfig) -> dict:
+    raw = dict(model_type="gpt2", n_layer=cfg.n_layer, n_head=cfg.n_head,
+               head_dim=cfg.head_dim, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
+               block_size=cfg.max_position, rank=cfg.k_rank, using_groupnorm=cfg.using_groupnorm,
+               bias=False, dropout=0.0)
+    if cfg.q_rank is not None:
+        raw["q_rank"] = cfg.q_rank
+    if cfg.v_rank != cfg.k_rank:
+        raw.update(k_rank=cfg.k_rank, v_rank=cfg.v_rank)
+    if cfg.rope_base != 10000.0:
+        raw["rope_base"] = cfg.rope_base
+    return raw
+
+
+def save_checkpoint(model: T6, path: str | Path, format: str = "safetensors",
+                    compiled_prefix: bool = False, extra_config: dict | None = None) -> Path:
+    """Write `model` as the authors' directory format (tests, demo model, benchmarks).
+
+    format: "bin" (pytorch_model.bin, lm_head.weight kept as the tied duplicate the way a
+    pickled state dict holds it), "safetensors" (model.safetensors, lm_head.weight dropped:
+    safetensors refuses shared tensors), "sharded" (three model-0000i-of-00003.safetensors
+    + model.safetensors.index.json). compiled_prefix prefixes every key with `_orig_mod.`.
+    extra_config entries are merged into config.json; an entry set to None removes the field.
+    """
+    if format not in ("bin", "safetensors", "sharded"):
+        raise ValueError(f"format must be bin, safetensors or sharded, got {format!r}")
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    raw = _authors_config(model.cfg) | (extra_config or {})
+    (root / CONFIG_FILE).write_text(json.dumps({k: v for k, v in raw.items() if v is not None},
+                                               indent=2))
+    prefix = COMPILED_PREFIX if compiled_prefix else ""
+    sd = {prefix + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+          if format == "bin" or k != LM_HEAD}
+    if format == "bin":
+        torch.save(sd, root / BIN)
+    elif format == "safetensors":
+        save_file(sd, root / SAFETENSORS, metadata={"format": "pt"})
+    else:
+        keys = list(sd)
+        n = min(3, len(keys))
+        weight_map = {}
+        for i in range(n):
+            shard = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            part = {k: sd[k] for k in keys[i * len(keys) // n:(i + 1) * len(keys) // n]}
+            save_file(part, root / shard, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(part, shard))
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        (root / SAFETENSORS_INDEX).write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return root
