@@ -20,6 +20,7 @@ import torch
 
 from tpaserve.config import ConfigError, EngineConfig
 from tpaserve.engine.block_manager import BlockManager
+from tpaserve.engine.cuda_graphs import DecodeGraphs, default_buckets
 from tpaserve.engine.factor_cache import FactorCache, FactorCacheSpec
 from tpaserve.engine.model_runner import ModelRunner
 from tpaserve.engine.output_processor import SequenceState, StopStringMatcher
@@ -73,6 +74,12 @@ class LLMEngine:
         self.eos_token_id = tokenizer.eos_token_id if tokenizer is not None else None
         self.sampler = Sampler(self.vocab_size, self.eos_token_id, seed=config.seed)
         self.runner = ModelRunner(model, self.cache, self.sampler, self.device)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            graphs = DecodeGraphs(model, self.cache, self.runner.ops,
+                                  default_buckets(config.scheduler.max_num_seqs),
+                                  self.max_model_len, self.device)
+            graphs.capture_all()
+            self.runner.graphs = graphs
         self.consecutive_failures = 0
         self.groups: dict[str, _Group] = {}
         self.seq_to_group: dict[str, _Group] = {}
@@ -97,24 +104,33 @@ class LLMEngine:
         return n
 
     def _profile_cuda_blocks(self) -> int:
-        """Blocks that fit in utilization * device memory after the weights and the
-        activation peak of a full-budget step (measured by running one)."""
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        n_tok = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
-        probe = FactorCache(self.spec, self.spec.n_layer and -(-n_tok // self.spec.block_size), self.device)
-        runner = ModelRunner(self.model, probe, self.sampler, self.device)
+        """Blocks that fit in utilization * device memory after the weights, the activation
+        peak of a full-budget step (measured by running one) and a reserve for the decode
+        CUDA graphs' pool (the activations of the largest bucket, scaled from that peak)."""
         from tpaserve.engine.outputs import ScheduledRequest, SchedulerOutput
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        weights = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        n_tok = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
+        probe = FactorCache(self.spec, -(-n_tok // self.spec.block_size), dev)
+        runner = ModelRunner(self.model, probe, self.sampler, dev)
         sr = ScheduledRequest("profile", [0] * n_tok, 0, list(range(probe.num_blocks)), True,
                               SamplingParams(max_tokens=1), [0] * n_tok, [])
         runner.execute(SchedulerOutput([sr]))
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - probe.nbytes
+        torch.cuda.synchronize(dev)
+        activations = torch.cuda.max_memory_allocated(dev) - probe.nbytes - weights
         del probe, runner
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        budget = int(total * self.config.cache.gpu_memory_utilization) - peak
-        logger.info("memory profile: peak %.2f GiB (weights + activations), total %.2f GiB, "
-                    "cache budget %.2f GiB", peak / 2**30, total / 2**30, budget / 2**30)
+        torch.cuda.empty_cache()
+        graph_reserve = 0
+        if not self.config.enforce_eager:
+            largest = default_buckets(self.config.scheduler.max_num_seqs)[-1]
+            graph_reserve = int(activations * min(1.0, largest / n_tok)) + 64 * 2**20
+        total = torch.cuda.get_device_properties(dev).total_memory
+        budget = int(total * self.config.cache.gpu_memory_utilization) - weights - activations - graph_reserve
+        logger.info("memory profile: weights %.2f GiB, activation peak %.2f GiB, graph reserve "
+                    "%.2f GiB, device %.2f GiB -> cache budget %.2f GiB", weights / 2**30,
+                    activations / 2**30, graph_reserve / 2**30, total / 2**30, budget / 2**30)
         return self.spec.num_blocks_for(max(budget, 0))
 
     # ---- requests ------------------------------------------------------------------------

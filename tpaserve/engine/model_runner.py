@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from tpaserve.engine.cuda_graphs import DecodeGraphs
 from tpaserve.engine.factor_cache import FactorCache
 from tpaserve.engine.outputs import RunnerOutput, SchedulerOutput
 from tpaserve.engine.paged_attention import PagedAttention, StepMetadata, select_ops
@@ -23,10 +24,12 @@ from tpaserve.models.t6 import T6
 
 
 class ModelRunner:
-    def __init__(self, model: T6, cache: FactorCache, sampler: Sampler, device: torch.device):
+    def __init__(self, model: T6, cache: FactorCache, sampler: Sampler, device: torch.device,
+                 graphs: DecodeGraphs | None = None):
         self.model, self.cache, self.sampler, self.device = model, cache, sampler, device
         self.block_size = cache.spec.block_size
         self.ops = select_ops(device)
+        self.graphs = graphs             # decode steps of up to graphs.max_batch requests
         self.generators: dict[str, torch.Generator] = {}
 
     def _generator(self, request_id: str, seed: int | None) -> torch.Generator | None:
@@ -64,6 +67,12 @@ class ModelRunner:
                 ps = range(r.prompt_logprobs_from, last + 1)
                 plp.append((r.request_id, [qsl[-2] + p - 1 - s for p in ps],
                             r.prompt_token_ids[ps.start:ps.stop], r.params.prompt_logprobs))
+        if self.graphs is not None and len(ids) == len(sched.requests) <= self.graphs.max_batch \
+                and not plp:
+            # pure decode step: replay a captured graph (logits for every row)
+            all_logits = self.graphs.run(ids, positions, slots, seq_lens,
+                                         [r.block_ids for r in sched.requests])
+            return self._sample(sched, all_logits[sample_rows], [])
         max_blocks = max(len(r.block_ids) for r in sched.requests)
         tables = [r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in sched.requests]
 
@@ -78,11 +87,15 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
         hidden = self.model(input_ids, pos_t, PagedAttention(self.cache, meta, self.ops))  # (T, d)
+        logits = self.model.compute_logits(hidden[sample_rows]) if sample_rows else None  # (S, V)
+        plp_logits = [(rid, self.model.compute_logits(hidden[rows]), targets, top)
+                      for rid, rows, targets, top in plp]
+        return self._sample(sched, logits, plp_logits)
 
+    def _sample(self, sched: SchedulerOutput, logits: torch.Tensor | None, plp) -> RunnerOutput:
         out = RunnerOutput(sampled={})
         sampling = [r for r in sched.requests if r.sample]
         if sampling:
-            logits = self.model.compute_logits(hidden[sample_rows])          # (S, V) fp32
             rows = [SamplingRow(params=r.params, prompt_token_ids=r.prompt_token_ids,
                                 output_token_ids=r.output_token_ids,
                                 generator=self._generator(r.request_id, r.params.seed))
@@ -92,8 +105,7 @@ class ModelRunner:
                 out.sampled[r.request_id] = res.token_ids[i]
                 if res.logprobs is not None and r.params.logprobs is not None:
                     out.logprobs[r.request_id] = res.logprobs[i]
-        for rid, rows, targets, top in plp:
-            logits = self.model.compute_logits(hidden[rows])
-            out.prompt_logprobs[rid] = compute_logprobs(logits, targets, top,
+        for rid, plogits, targets, top in plp:
+            out.prompt_logprobs[rid] = compute_logprobs(plogits, targets, top,
                                                          vocab_size=self.sampler.vocab_size)
         return out

@@ -1,0 +1,109 @@
+"""CUDA graphs of decode steps, one per batch-size bucket, so small batches are not bound
+by kernel-launch overhead.
+
+A decode step (every request computes exactly one token) of B requests replays the graph of
+the smallest bucket >= B. Inputs live in static buffers sized for the largest bucket; rows
+B..bucket-1 are padding: slot -1 (the store skips them), sequence length 1 over block 0
+(finite garbage nobody reads). The attention kernels are captured with max_seq_len =
+max_model_len, so one graph serves every context length. The graph computes logits for all
+its rows; sampling stays outside (its work depends on each request's knobs).
+
+Memory: all buckets share one graph pool, captured largest first, so the pool is about one
+largest-bucket decode step of activations; it is measured at capture and logged (the cache
+was sized with a reserve for it, see LLMEngine._profile_cuda_blocks).
+
+`capture=False` runs the same padded path eagerly (CPU tests of the padding logic).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tpaserve.engine.factor_cache import FactorCache
+from tpaserve.engine.paged_attention import PagedAttention, StepMetadata
+from tpaserve.models.t6 import T6
+
+logger = logging.getLogger("tpaserve.engine")
+
+
+def default_buckets(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, 257, 16))
+    return [b for b in sizes if b < max_num_seqs] + [min(max_num_seqs, 256)]
+
+
+class DecodeGraphs:
+    def __init__(self, model: T6, cache: FactorCache, ops, buckets: list[int],
+                 max_model_len: int, device: torch.device, capture: bool = True):
+        self.model, self.cache, self.ops = model, cache, ops
+        self.buckets = sorted(set(buckets))
+        self.max_batch, self.max_model_len = self.buckets[-1], max_model_len
+        self.device, self.capture = device, capture
+        bs = cache.spec.block_size
+        n, dev = self.max_batch, device
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(n, -(-max_model_len // bs), dtype=torch.int32, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool_bytes = 0
+
+    def bucket_for(self, batch: int) -> int | None:
+        for b in self.buckets:
+            if b >= batch:
+                return b
+        return None
+
+    def _forward(self, b: int) -> torch.Tensor:
+        meta = StepMetadata(self.slot_mapping[:b], self.query_start_loc[:b + 1],
+                            self.seq_lens[:b], self.block_tables[:b], 1, self.max_model_len)
+        hidden = self.model(self.input_ids[:b], self.positions[:b],
+                            PagedAttention(self.cache, meta, self.ops))
+        return self.model.compute_logits(hidden)                    # (b, V) fp32
+
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        if not self.capture:
+            return
+        before = torch.cuda.memory_reserved(self.device)
+        pool = None
+        for b in reversed(self.buckets):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):                                  # compile + warm up
+                    self._forward(b)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                out = self._forward(b)
+            pool = g.pool()
+            self.graphs[b] = (g, out)
+        torch.cuda.synchronize(self.device)
+        self.pool_bytes = torch.cuda.memory_reserved(self.device) - before
+        logger.info("captured %d decode CUDA graphs (batch %s..%s), pool %.1f MiB",
+                    len(self.graphs), self.buckets[0], self.buckets[-1], self.pool_bytes / 2**20)
+
+    @torch.inference_mode()
+    def run(self, ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
+            tables: list[list[int]]) -> torch.Tensor:
+        """One decode step of B = len(ids) requests -> logits (B, V)."""
+        B = len(ids)
+        b = self.bucket_for(B)
+        width = max(len(t) for t in tables)
+        host = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        self.input_ids[:B].copy_(torch.tensor(ids), non_blocking=True)
+        self.positions[:B].copy_(torch.tensor(positions), non_blocking=True)
+        self.slot_mapping[:B].copy_(torch.tensor(slots), non_blocking=True)
+        self.slot_mapping[B:b].fill_(-1)
+        self.seq_lens[:B].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
+        self.seq_lens[B:b].fill_(1)
+        self.block_tables[:B, :width].copy_(host, non_blocking=True)
+        self.block_tables[B:b].zero_()
+        if self.capture:
+            g, out = self.graphs[b]
+            g.replay()
+            return out[:B]
+        return self._forward(b)[:B]
