@@ -184,7 +184,7 @@ class LLMEngine:
     def _detokenizer(self, prompt_ids, params: SamplingParams):
         if self.tokenizer is None:
             return None
-        from tpaserve.models.tokenizer import IncrementalDetokenizer
+        from tpaserve.models.detokenizer import IncrementalDetokenizer
         return IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
 
     def abort_request(self, request_id: str) -> None:
