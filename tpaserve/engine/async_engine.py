@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 from tpaserve.engine.llm_engine import EngineDeadError, LLMEngine
 from tpaserve.engine.outputs import RequestOutput
+from tpaserve.engine.scheduler import RequestRejected
 from tpaserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("tpaserve.engine")
@@ -60,14 +61,26 @@ class AsyncEngine:
         then yield its outputs until it finishes."""
         if self.dead is not None:
             raise EngineDead(f"the engine has stopped: {self.dead}")
+        if request_id in self._streams:
+            # checked here, not only by the engine: registering this stream would replace
+            # the live request's stream, and the rejection would then drop it (it hung)
+            raise RequestRejected(f"request id {request_id!r} is already in flight", "request_id")
         stream: asyncio.Queue = asyncio.Queue()
         admitted = self._loop.create_future()
         self._streams[request_id] = stream
         self._commands.put(("add", request_id, prompt_token_ids, params, priority, admitted))
+        if self.dead is not None:
+            # the loop died after the check above and may have drained the queue already:
+            # nobody would ever answer this command
+            _set_exception(admitted, EngineDead(f"the engine has stopped: {self.dead}"))
         try:
             await admitted
         except BaseException:
             self._streams.pop(request_id, None)
+            if admitted.cancelled():
+                # the caller went away (cancelled) while the add was queued: the add still
+                # runs, so abort it after, or it would generate for nobody to the end
+                self.abort(request_id)
             raise
         self.num_in_flight += 1
         finished = False

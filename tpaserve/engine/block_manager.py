@@ -78,9 +78,13 @@ class BlockManager:
                 break
             hits.append(b)
             parent = h
-        self.prefix_queries += max_tokens
-        self.prefix_hits += len(hits) * bs
         return hits
+
+    def record_prefix_lookup(self, queried: int, hit: int) -> None:
+        """Count one admitted request's lookup (tokens). Called on admission, not on every
+        look, so a queue head that waits for blocks is not counted again each step."""
+        self.prefix_queries += queried
+        self.prefix_hits += hit
 
     def _register_full_blocks(self, request_id: str, token_ids: list[int], num_tokens: int) -> None:
         """Hash the request's blocks that num_tokens fills completely."""
@@ -120,10 +124,23 @@ class BlockManager:
             self._register_full_blocks(request_id, token_ids, num_computed + num_new)
         return True
 
-    def free_request(self, request_id: str) -> None:
+    def free_request(self, request_id: str, num_computed: int | None = None) -> None:
         """Drop a request's references. Tail blocks are freed first so that, among equally
-        old cached blocks, a prefix's tail is evicted before its head."""
-        for b in reversed(self.tables.pop(request_id, [])):
+        old cached blocks, a prefix's tail is evicted before its head.
+
+        `num_computed`: the tokens really written. Full blocks are hashed when they are
+        allocated, i.e. before the step computes them; a request preempted in the step
+        that scheduled it holds hashed blocks that were never written. Their hashes are
+        dropped here, or a later request with that prefix would hit unwritten slots."""
+        table = self.tables.pop(request_id, [])
+        if num_computed is not None:
+            hashes = self.hashes.get(request_id, [])
+            for i in range(num_computed // self.block_size, len(hashes)):
+                blk = self.blocks[table[i]]
+                if blk.hash is not None and blk.hash == hashes[i]:
+                    del self.cached[blk.hash]
+                    blk.hash = None
+        for b in reversed(table):
             blk = self.blocks[b]
             blk.ref_cnt -= 1
             if blk.ref_cnt == 0:

@@ -48,6 +48,7 @@ class _Group:
     seq_ids: list[str]
     arrival_time: float
     prompt_logprobs: list | None = None
+    num_cached_tokens: int = 0        # kept here: the scheduler forgets finished requests
     first_token_time: float | None = None
     finished_at: float | None = None
     seqs: dict[str, SequenceState] = field(default_factory=dict)
@@ -159,7 +160,7 @@ class LLMEngine:
             p = params
             if i > 0:   # siblings: their own seed stream, prompt logprobs come once
                 p = dataclasses.replace(params, prompt_logprobs=None,
-                                        seed=None if params.seed is None else params.seed + i)
+                                        seed=None if params.seed is None else (params.seed + i) % 2**63)
             sid = f"{request_id}#{i}"
             reqs.append(Request(sid, list(prompt_token_ids), p, max_tokens, self.eos_token_id,
                                 priority, arrival, fork_of=f"{request_id}#0" if i else None))
@@ -222,7 +223,11 @@ class LLMEngine:
             group = self.seq_to_group.get(req.request_id)
             if group is None:
                 continue
-            touched[group.request_id] = group
+            if group.request_id not in touched:
+                touched[group.request_id] = group
+                _clear_deltas(group)
+            if req.request_id == group.seq_ids[0]:
+                group.num_cached_tokens = req.num_cached_tokens
             seq = group.seqs[req.request_id]
             if req.request_id in result.prompt_logprobs and group.prompt_logprobs is not None:
                 group.prompt_logprobs.extend(result.prompt_logprobs[req.request_id])
@@ -250,6 +255,7 @@ class LLMEngine:
             group = self.seq_to_group.get(s.request_id)
             if group is None or group.request_id not in self.groups:
                 continue
+            _clear_deltas(group)
             for sid in group.seq_ids:
                 self.scheduler.finish(sid, RequestStatus.FINISHED_ERROR)
                 group.seqs[sid].out.finish_reason = "error"
@@ -269,12 +275,18 @@ class LLMEngine:
             del self.groups[group.request_id]
             for sid in group.seq_ids:
                 self.seq_to_group.pop(sid, None)
-        first = self.scheduler.requests.get(group.seq_ids[0])
         return RequestOutput(
             request_id=group.request_id, prompt_token_ids=group.prompt_token_ids,
             outputs=[_snapshot(o, finished) for o in outs], finished=finished,
             prompt_logprobs=list(group.prompt_logprobs) if finished and group.prompt_logprobs is not None else None,
-            num_cached_tokens=first.num_cached_tokens if first is not None else 0)
+            num_cached_tokens=group.num_cached_tokens)
+
+
+def _clear_deltas(group: _Group) -> None:
+    """Deltas are per step. An output carries all n sequences, and a sibling that did not
+    advance this step would otherwise repeat its previous delta (streams got it twice)."""
+    for seq in group.seqs.values():
+        seq.out.token_ids_delta, seq.out.logprobs_delta, seq.out.text_delta = [], [], ""
 
 
 def _snapshot(o: CompletionOutput, full: bool) -> CompletionOutput:
@@ -301,11 +313,18 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
         order = []
-        for prompt, p in zip(prompts, params):
-            rid = str(next(self._ids))
-            ids = self._encode(prompt)
-            self.engine.add_request(rid, ids, p)
-            order.append(rid)
+        try:
+            for prompt, p in zip(prompts, params):
+                rid = str(next(self._ids))
+                ids = self._encode(prompt)
+                self.engine.add_request(rid, ids, p)
+                order.append(rid)
+        except Exception:
+            # all or nothing: the prompts added before the bad one would otherwise stay
+            # queued and run (unreturned) inside the next generate() call
+            for rid in order:
+                self.engine.abort_request(rid)
+            raise
         done: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():

@@ -122,7 +122,7 @@ class Scheduler:
         while self.waiting and budget > 0 and not preempted \
                 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            shared, n_computed = self._reusable_blocks(req)
+            shared, n_computed, looked_up = self._reusable_blocks(req)
             if shared is None:                     # waits for its sibling's prompt
                 break
             n = min(req.num_tokens - n_computed, budget)
@@ -131,6 +131,8 @@ class Scheduler:
             self.waiting.pop(0)
             if req.status == RequestStatus.WAITING:
                 req.num_cached_tokens = n_computed
+                if looked_up:
+                    self.blocks.record_prefix_lookup(req.num_prompt_tokens, n_computed)
             req.num_computed_tokens = n_computed
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
@@ -143,9 +145,10 @@ class Scheduler:
         finished, self.finished_ids = self.finished_ids, []
         return SchedulerOutput(requests=out, preempted_ids=preempted, finished_ids=finished)
 
-    def _reusable_blocks(self, req: Request) -> tuple[list[int] | None, int]:
-        """Blocks a waiting request can adopt instead of computing, and the tokens they hold.
-        At least the last token is always computed: its logits give the next token."""
+    def _reusable_blocks(self, req: Request) -> tuple[list[int] | None, int, bool]:
+        """Blocks a waiting request can adopt instead of computing, the tokens they hold,
+        and whether the prefix cache was consulted. At least the last token is always
+        computed: its logits give the next token. None: wait for the sibling."""
         bs = self.blocks.block_size
         limit = req.num_tokens - 1
         if req.fork_of is not None:
@@ -153,19 +156,22 @@ class Scheduler:
             if sib is not None and sib.status == RequestStatus.RUNNING:
                 full = min(limit, req.num_prompt_tokens) // bs
                 if sib.num_computed_tokens < full * bs:
-                    return None, 0                # sibling's prompt not computed yet: wait
+                    return None, 0, False         # sibling's prompt not computed yet: wait
                 blocks = self.blocks.table(sib.request_id)[:full]
-                return blocks, full * bs
-            if sib is not None:                   # sibling still waiting: it goes first
-                return None, 0
+                return blocks, full * bs, False
+            # Sibling finished or waiting. Do not wait for a waiting one: when both were
+            # preempted the fork is queued *ahead* of it (front insertion), and waiting
+            # would stall the queue forever. Compute the prompt; the prefix cache may help.
         if req.params.prompt_logprobs is not None and req.wants_prompt_logprobs:
-            return [], 0                          # every prompt position must be scored
+            return [], 0, False                   # every prompt position must be scored
         hits = self.blocks.find_cached(req.request_id, req.token_ids, limit)
-        return hits, len(hits) * bs
+        return hits, len(hits) * bs, self.blocks.enable_prefix_caching
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self.blocks.free_request(req.request_id)
+        # num_computed_tokens is still the value before this step: a victim scheduled
+        # earlier in this step has blocks hashed for tokens it will now not compute
+        self.blocks.free_request(req.request_id, req.num_computed_tokens)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -228,7 +234,10 @@ class Scheduler:
 
 
 def _needs_history(req: Request) -> bool:
-    """Whether sampling this request reads its output tokens (penalties, min_tokens)."""
+    """Whether sampling this request reads its output tokens (penalties, min_tokens).
+    Any min_tokens > 0 needs them for the whole request: the sampler masks eos and the stop
+    ids while len(output_token_ids) < min_tokens, so an empty list once min_tokens is
+    reached would mask them for good."""
     p = req.params
     return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
-                or p.min_tokens > req.num_output_tokens)
+                or p.min_tokens)
