@@ -1,0 +1,159 @@
+"""The `tpaserve` command: --help documents every flag; every bad value ends with one line
+on stderr, a non-zero status and no traceback; SIGTERM drains in-flight requests."""
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.api.conftest import MODEL_NAME
+from tpaserve.api import cli
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tpaserve", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_one_line_error(stderr: str, *needles: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("tpaserve: error: ") and "Traceback" not in stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_help_documents_every_flag():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for action in cli.build_parser()._actions:
+        for flag in action.option_strings:
+            assert flag in r.stdout, flag
+        assert action.help, action.option_strings
+    for flag in ("--model", "--tokenizer", "--served-model-name", "--host", "--port", "--dtype",
+                 "--device", "--block-size", "--num-blocks", "--cache-memory",
+                 "--gpu-memory-utilization", "--no-enable-prefix-caching",
+                 "--max-num-batched-tokens", "--max-num-seqs", "--max-model-len",
+                 "--max-queued-requests", "--api-key", "--seed", "--enforce-eager",
+                 "--log-level", "--max-request-body-bytes", "--graceful-shutdown-timeout"):
+        assert flag in r.stdout, flag
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--port", "http"], "--port"), (["--cache-memory", "4XB"], "4XB"),
+    (["--gpu-memory-utilization", "1.5"], "(0, 1]"), (["--dtype", "int8"], "int8"),
+    (["--block-size", "0"], ">= 1"), (["--no-such-flag"], "--no-such-flag"),
+    (["--model", "/definitely/not/here"], "/definitely/not/here"),
+])
+def test_bad_flags_exit_with_one_line(args, needle):
+    r = run_cli(*args)
+    assert r.returncode != 0
+    assert_one_line_error(r.stderr, needle)
+
+
+@pytest.mark.parametrize("text,size", [
+    ("4GiB", 4 * 2**30), ("512MiB", 512 * 2**20), ("1048576", 2**20), ("1.5GB", 1_500_000_000),
+    ("64kib", 65536), ("2 GiB", 2 * 2**30), ("100B", 100),
+])
+def test_parse_size(text, size):
+    assert cli.parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "-1GiB", "4 XB", "0", "1e9"])
+def test_parse_size_rejects(text):
+    with pytest.raises(Exception):
+        cli.parse_size(text)
+
+
+def main_error(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--port", "0", "--device", "cpu", *argv])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    return err
+
+
+def test_checkpoint_and_tokenizer_and_config_errors_are_one_line(capsys, tmp_path, checkpoint):
+    assert "no weights" in main_error(capsys, "--model", str(tmp_path))
+    (tmp_path / "tok").mkdir()
+    err = main_error(capsys, "--model", str(checkpoint), "--tokenizer", str(tmp_path / "tok"))
+    assert "no tokenizer found" in err and "tokenizer.model" in err
+    err = main_error(capsys, "--model", str(checkpoint), "--max-model-len", "100000")
+    assert "100000" in err
+    assert "--block-size" in main_error(capsys, "--model", str(checkpoint), "--block-size", "4096")
+
+
+def test_missing_demo_model_is_one_line(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "DEMO_DIR", tmp_path / "missing")
+    assert "--model" in main_error(capsys)
+
+
+def test_busy_port_is_one_line(capsys, checkpoint):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(SystemExit):
+            cli.main(["--model", str(checkpoint), "--port", str(port)])
+    assert_one_line_error(capsys.readouterr().err, str(port))
+
+
+def stream_in_thread(url: str, body: dict) -> tuple[threading.Thread, dict]:
+    got: dict = {"events": [], "error": None}
+
+    def read():
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line:
+                        got["events"].append(line)
+        except Exception as e:         # noqa: BLE001 - inspected by the test
+            got["error"] = e
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    return t, got
+
+
+def wait_events(got: dict, n: int, timeout: float = 20) -> None:
+    end = time.monotonic() + timeout
+    while len(got["events"]) < n:
+        assert time.monotonic() < end and got["error"] is None, got
+        time.sleep(0.01)
+
+
+def test_sigterm_lets_in_flight_requests_finish(start_server):
+    s = start_server("--graceful-shutdown-timeout", "30")
+    body = {"model": MODEL_NAME, "prompt": "hello", "max_tokens": 480, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    t, got = stream_in_thread(s.url, body)
+    wait_events(got, 2)
+    s.proc.send_signal(signal.SIGTERM)
+    t.join(60)
+    assert got["error"] is None and got["events"][-1] == "data: [DONE]"
+    assert '"completion_tokens":480' in got["events"][-2]
+    # uvicorn re-raises the signal once it has shut down, so the status says "terminated"
+    assert s.proc.wait(30) in (0, -signal.SIGTERM)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{s.url}/health", timeout=2)
+    assert "Traceback" not in s.log.read_text()
+
+
+def test_sigterm_cuts_requests_after_the_timeout(start_server):
+    s = start_server("--graceful-shutdown-timeout", "0.3")
+    body = {"model": MODEL_NAME, "prompt": "hello", "max_tokens": 480, "temperature": 0,
+            "ignore_eos": True, "stream": True, "n": 8}
+    t, got = stream_in_thread(s.url, body)
+    wait_events(got, 2)
+    start = time.monotonic()
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(20) in (0, -signal.SIGTERM)
+    assert time.monotonic() - start < 10
+    t.join(10)
+    assert "data: [DONE]" not in got["events"]

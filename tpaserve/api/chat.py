@@ -1,0 +1,127 @@
+"""POST /v1/chat/completions: messages -> the tokenizer's chat template -> prompt ids ->
+one assistant message per choice, as one JSON body or as SSE chunks. A stream opens each
+choice with a chunk whose delta carries the role, then content deltas; the chunk with the
+last content carries finish_reason; with stream_options.include_usage a last chunk with no
+choices carries the usage. Logprobs use the chat shape (token, logprob, bytes,
+top_logprobs: the `top_logprobs` most likely tokens).
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.sse import EventSourceResponse
+from starlette.responses import Response
+
+from tpaserve.api.engine_client import (EngineClient, final_output, merge_streams,
+                                        new_request_id, open_streams, until_disconnect)
+from tpaserve.api.errors import OpenAIRoute, bad_request, sse_error
+from tpaserve.api.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk,
+                                   ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
+                                   ChatStreamChoice, ChoiceLogprobs, DeltaMessage, TokenLogprob,
+                                   TopLogprob, UsageInfo)
+from tpaserve.engine.outputs import Logprob
+
+router = APIRouter(route_class=OpenAIRoute)
+
+
+def encode_chat(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool,
+                add_special_tokens: bool | None) -> list[int]:
+    """Render the chat template and tokenize it. add_special_tokens None: add them (BOS, as
+    for a completion prompt), but drop the added BOS when the template wrote one itself, so
+    a prompt never starts with two."""
+    text = tokenizer.apply_chat_template(
+        [m.model_dump(exclude_none=True) for m in messages],
+        add_generation_prompt=add_generation_prompt)
+    ids = tokenizer.encode(text, add_special_tokens=add_special_tokens is not False)
+    bos = tokenizer.bos_token_id
+    if add_special_tokens is None and bos is not None and ids[:2] == [bos, bos]:
+        ids = ids[1:]
+    return ids
+
+
+def _check_unsupported(body: ChatCompletionRequest) -> None:
+    if body.tools:
+        raise bad_request("tools are not supported by this server", "tools")
+    fmt = (body.response_format or {}).get("type", "text")
+    if fmt != "text":
+        raise bad_request(f"response_format {fmt!r} is not supported; only 'text' is",
+                          "response_format")
+    if body.stream_options is not None and not body.stream:
+        raise bad_request("stream_options is only allowed when stream is true",
+                          "stream_options")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    client: EngineClient = request.app.state.client
+    model = client.check_model(body.model)
+    _check_unsupported(body)
+    ids = encode_chat(client.tokenizer, body.messages, body.add_generation_prompt,
+                      body.add_special_tokens)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
+        else body.max_tokens
+    params = body.sampling_params(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+    rid = new_request_id("chatcmpl")
+    stream = client.generate(rid, ids, params, body.priority)
+    if body.stream:
+        firsts = await open_streams(request, [stream])
+        return EventSourceResponse(_sse(rid, model, body, client, len(ids), params.n,
+                                        merge_streams([stream], firsts)))
+    out = await until_disconnect(request, final_output(stream))
+    choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
+                          logprobs=_logprobs(client.tokenizer, c.token_ids, c.logprobs)
+                          if body.logprobs else None,
+                          finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+               for c in out.outputs]
+    usage = UsageInfo.of(len(ids), sum(len(c.token_ids) for c in out.outputs))
+    resp = ChatCompletionResponse(id=rid, model=model, choices=choices, usage=usage)
+    return Response(resp.model_dump_json(), media_type="application/json")
+
+
+async def _sse(rid: str, model: str, body: ChatCompletionRequest, client: EngineClient,
+               n_prompt: int, n: int, outputs: AsyncIterator) -> AsyncIterator[str]:
+    def chunk(choice: ChatStreamChoice | None, usage: UsageInfo | None = None) -> str:
+        c = ChatCompletionChunk(id=rid, model=model, choices=[choice] if choice else [],
+                                usage=usage)
+        return f"data: {c.model_dump_json()}\n\n"
+
+    n_completion = 0
+    try:
+        yield "".join(chunk(ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant",
+                                                                         content="")))
+                      for i in range(n))
+        async for _, out in outputs:
+            events = []          # one write per engine step, however many choices moved
+            for c in out.outputs:
+                n_completion += len(c.token_ids_delta)
+                logprobs = (_logprobs(client.tokenizer, c.token_ids_delta, c.logprobs_delta)
+                            if body.logprobs and c.token_ids_delta else None)
+                if not c.text_delta and c.finish_reason is None and logprobs is None:
+                    continue
+                events.append(chunk(ChatStreamChoice(
+                    index=c.index, delta=DeltaMessage(content=c.text_delta), logprobs=logprobs,
+                    finish_reason=c.finish_reason, stop_reason=c.stop_reason)))
+            if events:
+                yield "".join(events)
+        if body.stream_options is not None and body.stream_options.include_usage:
+            yield chunk(None, UsageInfo.of(n_prompt, n_completion))
+    except Exception as exc:                       # noqa: BLE001 - the stream has started
+        yield sse_error(exc)
+    finally:
+        await outputs.aclose()
+    yield "data: [DONE]\n\n"
+
+
+def _logprobs(tokenizer, ids: list[int], entries: list[Logprob] | None) -> ChoiceLogprobs:
+    content = []
+    for tid, (lp, top) in zip(ids, entries or []):
+        top_ids = [t for t, _ in top]
+        names = tokenizer.convert_ids_to_tokens([tid, *top_ids])
+        content.append(TokenLogprob(
+            token=names[0], logprob=lp, bytes=list(tokenizer.token_bytes(tid)),
+            top_logprobs=[TopLogprob(token=name, logprob=l, bytes=list(tokenizer.token_bytes(t)))
+                          for name, (t, l) in zip(names[1:], top)]))
+    return ChoiceLogprobs(content=content)

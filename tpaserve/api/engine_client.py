@@ -1,0 +1,187 @@
+"""What the endpoints share: the served model, and running requests on the AsyncEngine with
+the client's connection watched.
+
+Every request goes through `EngineClient.generate`, which records metrics, turns an engine
+failure (`out.error`) into a 500 APIError, and, by closing the engine's stream, aborts the
+request whenever its consumer stops early. The consumer stops early when the client goes
+away: for streams, Starlette cancels the SSE body iterator on disconnect; before a response
+has started (non-streaming requests, and the wait for a stream's first output),
+`until_disconnect` races the work against the connection's `http.disconnect`.
+"""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from tpaserve.api.errors import APIError, ClientGone, bad_request
+from tpaserve.engine.async_engine import AsyncEngine, EngineDead
+from tpaserve.engine.llm_engine import LLMEngine
+from tpaserve.engine.metrics import EngineMetrics
+from tpaserve.engine.outputs import RequestOutput
+from tpaserve.engine.scheduler import QueueFull, RequestRejected
+from tpaserve.sampling_params import SamplingParams, SamplingParamsError
+
+_ADMISSION_ERRORS = (RequestRejected, QueueFull, SamplingParamsError, EngineDead)
+
+
+@dataclass
+class EngineClient:
+    engine: LLMEngine
+    async_engine: AsyncEngine
+    model_names: list[str]        # responses carry the name asked for; the first by default
+    model_root: str | None
+    metrics: EngineMetrics
+
+    @property
+    def tokenizer(self):
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise APIError(400, "this server has no tokenizer: text prompts, chat and "
+                                "tokenization are unavailable; send token ids")
+        return tok
+
+    def check_model(self, name: str | None) -> str:
+        if name is None or name in self.model_names:
+            return self.model_names[0] if name is None else name
+        raise APIError(404, f"the model {name!r} does not exist; this server serves "
+                            f"{', '.join(repr(n) for n in self.model_names)}",
+                       param="model", code="model_not_found")
+
+    def check_ready(self) -> None:
+        if self.async_engine.dead is not None:
+            raise APIError(503, f"the engine has stopped: {self.async_engine.dead}",
+                           code="engine_dead")
+        if not self.async_engine.ready:
+            raise APIError(503, "the engine is not ready yet", code="engine_not_ready")
+
+    def check_token_ids(self, ids: list[int], param: str = "prompt") -> None:
+        vocab = self.engine.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """The engine's stream for one prompt. Admission errors raise at the first
+        __anext__; closing this iterator early aborts the request."""
+        self.check_ready()
+        first, finished, rejected = True, False, False
+        try:
+            async with aclosing(self.async_engine.generate(request_id, prompt_ids, params,
+                                                           priority)) as stream:
+                async for out in stream:
+                    self.metrics.observe(out, first)
+                    first, finished = False, out.finished
+                    if out.error is not None:
+                        raise APIError(500, out.error, code="engine_error")
+                    yield out
+        except _ADMISSION_ERRORS:
+            rejected = first
+            raise
+        finally:
+            if not finished and not rejected:
+                self.metrics.observe_abort(params.n)
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def until_disconnect(request: Request, work: Awaitable):
+    """Await `work`; if the client disconnects first, cancel it and raise ClientGone."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ClientGone()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)   # aborts happen now
+
+
+async def _disconnected(request: Request) -> None:
+    # The body was read before the endpoint ran, so the next ASGI message is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def gather_all(work: list[Awaitable]) -> list:
+    """asyncio.gather that cancels the others as soon as one fails."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def final_output(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    async with aclosing(stream):
+        async for out in stream:
+            if out.finished:
+                return out
+    raise APIError(500, "the engine ended a request without a final output")
+
+
+async def open_streams(request: Request, streams: list[AsyncIterator[RequestOutput]]
+                       ) -> list[RequestOutput]:
+    """Wait for each stream's first output (admission errors raise here, before the HTTP
+    response starts); on any failure or disconnect every stream is closed (aborted)."""
+    try:
+        return await until_disconnect(request, gather_all([s.__anext__() for s in streams]))
+    except BaseException:
+        for s in streams:
+            await s.aclose()
+        raise
+
+
+async def merge_streams(streams: list[AsyncIterator[RequestOutput]],
+                        firsts: list[RequestOutput]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(stream index, output) from several streams as they come, each stream's first output
+    (already taken by open_streams) first. Closing this closes (aborts) them all."""
+    tasks: list[asyncio.Task] = []
+    try:
+        for i, out in enumerate(firsts):
+            yield i, out
+        live = [i for i, out in enumerate(firsts) if not out.finished]
+        if len(live) == 1:                     # the common case: no tasks needed
+            async for out in streams[live[0]]:
+                yield live[0], out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(i: int) -> None:
+            try:
+                async for out in streams[i]:
+                    queue.put_nowait((i, out))
+                queue.put_nowait((i, done))
+            except Exception as exc:           # noqa: BLE001 - re-raised by the consumer
+                queue.put_nowait((i, exc))
+
+        tasks = [asyncio.ensure_future(pump(i)) for i in live]
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for s in streams:
+            await s.aclose()

@@ -1,0 +1,52 @@
+"""Small endpoints: GET /v1/models (and /v1/models/{id}), /health, /version, /metrics."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from starlette.responses import JSONResponse, Response
+
+import tpaserve
+from tpaserve.api.engine_client import EngineClient
+from tpaserve.api.errors import OpenAIRoute
+from tpaserve.api.protocol import ModelCard, ModelList
+
+router = APIRouter(route_class=OpenAIRoute)
+
+
+def _json(model) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+def _card(client: EngineClient, name: str) -> ModelCard:
+    return ModelCard(id=name, root=client.model_root, max_model_len=client.engine.max_model_len)
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> Response:
+    client: EngineClient = request.app.state.client
+    return _json(ModelList(data=[_card(client, n) for n in client.model_names]))
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(model: str, request: Request) -> Response:
+    client: EngineClient = request.app.state.client
+    return _json(_card(client, client.check_model(model)))
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    """200 with an empty body while the engine runs; 503 before it started and after it
+    died (load balancers and k8s probes read the status only)."""
+    request.app.state.client.check_ready()
+    return Response(status_code=200)
+
+
+@router.get("/version")
+async def version() -> Response:
+    return JSONResponse({"version": tpaserve.__version__})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    request.app.state.client.metrics.refresh()
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

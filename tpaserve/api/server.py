@@ -1,0 +1,132 @@
+"""The FastAPI app: `build_app(engine, ...)`.
+
+Request path, outside in: API-key check (everything but /health, /metrics, /version) ->
+body-size limit -> FastAPI routing -> endpoint (OpenAIRoute renders every error). The
+AsyncEngine starts in the lifespan (it needs the running event loop) and stops after
+uvicorn has drained the in-flight requests.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+import tpaserve
+from tpaserve.api import chat, completions, misc, tokenize
+from tpaserve.api.engine_client import EngineClient
+from tpaserve.api.errors import APIError, install
+from tpaserve.engine.async_engine import AsyncEngine
+from tpaserve.engine.llm_engine import LLMEngine
+from tpaserve.engine.metrics import EngineMetrics
+
+logger = logging.getLogger("tpaserve.api")
+
+DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 2**20
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+
+
+def build_app(engine: LLMEngine, model_names: list[str] | str = "t6", *,
+              model_root: str | None = None, api_key: str | None = None,
+              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+              engine_shutdown_timeout: float = 5.0) -> FastAPI:
+    names = [model_names] if isinstance(model_names, str) else list(model_names)
+    if not names:
+        raise ValueError("model_names must name at least one model")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async_engine = AsyncEngine(engine)
+        async_engine.start()
+        app.state.client = EngineClient(engine, async_engine, names, model_root,
+                                        EngineMetrics(engine, names[0]))
+        try:
+            yield
+        finally:
+            async_engine.shutdown(engine_shutdown_timeout)
+            logger.info("engine stopped")
+
+    app = FastAPI(title="tpaserve", version=tpaserve.__version__, lifespan=lifespan)
+    for module in (completions, chat, misc, tokenize):
+        app.include_router(module.router)
+    install(app)
+    # add_middleware puts each one outside the previous: the key is checked first, so an
+    # unauthenticated client cannot make the server buffer a body
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_body_bytes)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    return app
+
+
+class APIKeyMiddleware:
+    """`Authorization: Bearer <key>` on every path but OPEN_PATHS; compared in constant
+    time."""
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                     self.key):
+                err = APIError(401, "missing or invalid API key: send the header "
+                                    "'Authorization: Bearer <key>'", code="invalid_api_key",
+                               headers={"WWW-Authenticate": "Bearer"})
+                await err.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """413 for a body over `max_bytes`, counted while it is read (a client may send no
+    Content-Length, or a false one). The body is read whole here, then replayed to the app;
+    later receive() calls go to the server, so disconnects are still seen.
+
+    Not Starlette's RequestBodyLimitMiddleware: when Content-Length is over the limit it
+    replaces the error response with a plain-text one, and every error here must be an
+    OpenAI error body."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":      # disconnected while sending
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        err = APIError(413, f"the request body is larger than this server's limit of "
+                            f"{self.max_bytes} bytes (--max-request-body-bytes)",
+                       code="request_too_large", headers={"Connection": "close"})
+        await err.response()(scope, receive, send)

@@ -1,0 +1,63 @@
+"""vLLM's tokenizer endpoints: POST /tokenize, POST /detokenize, GET /tokenizer_info."""
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from tpaserve.api.chat import encode_chat
+from tpaserve.api.engine_client import EngineClient
+from tpaserve.api.errors import OpenAIRoute, bad_request
+from tpaserve.api.protocol import (DetokenizeRequest, DetokenizeResponse, TokenizeRequest,
+                                   TokenizeResponse)
+
+router = APIRouter(route_class=OpenAIRoute)
+
+
+def _json(model) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> Response:
+    client: EngineClient = request.app.state.client
+    client.check_model(body.model)
+    tok = client.tokenizer
+    if (body.prompt is None) == (body.messages is None):
+        raise bad_request("give exactly one of prompt (text) and messages (chat)", "prompt")
+    if body.prompt is not None:
+        ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+    else:
+        ids = encode_chat(tok, body.messages, body.add_generation_prompt, body.add_special_tokens)
+    return _json(TokenizeResponse(
+        count=len(ids), max_model_len=client.engine.max_model_len, tokens=ids,
+        token_strs=tok.convert_ids_to_tokens(ids) if body.return_token_strs else None))
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
+    client: EngineClient = request.app.state.client
+    client.check_model(body.model)
+    tok = client.tokenizer
+    client.check_token_ids(body.tokens, "tokens")
+    return _json(DetokenizeResponse(prompt=tok.decode(body.tokens)))
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request) -> Response:
+    client: EngineClient = request.app.state.client
+    tok = client.tokenizer
+
+    def name(i: int | None) -> str | None:
+        return None if i is None else tok.convert_ids_to_tokens([i])[0]
+
+    return Response(json.dumps({
+        "tokenizer_class": type(tok).__name__,
+        "name_or_path": tok.name_or_path,
+        "vocab_size": tok.vocab_size,
+        "model_max_length": client.engine.max_model_len,
+        "bos_token": name(tok.bos_token_id), "bos_token_id": tok.bos_token_id,
+        "eos_token": name(tok.eos_token_id), "eos_token_id": tok.eos_token_id,
+        "chat_template": tok.chat_template,
+    }), media_type="application/json")
