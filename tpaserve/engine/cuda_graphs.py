@@ -34,8 +34,9 @@ def default_buckets(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: T6, cache: FactorCache, ops, buckets: list[int],
-                 max_model_len: int, device: torch.device, capture: bool = True):
-        self.model, self.cache, self.ops = model, cache, ops
+                 max_model_len: int, device: torch.device, capture: bool = True,
+                 workspace: torch.Tensor | None = None):
+        self.model, self.cache, self.ops, self.workspace = model, cache, ops, workspace
         self.buckets = sorted(set(buckets))
         self.max_batch, self.max_model_len = self.buckets[-1], max_model_len
         self.device, self.capture = device, capture
@@ -60,7 +61,7 @@ class DecodeGraphs:
         meta = StepMetadata(self.slot_mapping[:b], self.query_start_loc[:b + 1],
                             self.seq_lens[:b], self.block_tables[:b], 1, self.max_model_len)
         hidden = self.model(self.input_ids[:b], self.positions[:b],
-                            PagedAttention(self.cache, meta, self.ops))
+                            PagedAttention(self.cache, meta, self.ops, self.workspace))
         return self.model.compute_logits(hidden)                    # (b, V) fp32
 
     @torch.inference_mode()

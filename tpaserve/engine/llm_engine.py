@@ -52,6 +52,40 @@ class _Group:
     first_token_time: float | None = None
     finished_at: float | None = None
     seqs: dict[str, SequenceState] = field(default_factory=dict)
+    first_scheduled_time: float | None = None
+    last_token_time: dict[str, float] = field(default_factory=dict)   # per sequence
+    emitted: bool = False             # an output was returned (its prompt is counted)
+
+
+@dataclass
+class FinishedRequestStats:
+    """A client request that ended (all n sequences), for the per-request metrics."""
+    finish_reasons: list[str]         # one per sequence: stop, length, abort, error
+    num_prompt_tokens: int
+    num_generation_tokens: int        # all n sequences together
+    e2e_latency: float                # arrival -> end of the step that finished it (or abort)
+
+
+@dataclass
+class EngineStats:
+    """What the engine did since the last `take_stats()`, timed where it happened: in the
+    step thread, with time.monotonic(). engine/metrics.py turns it into samples.
+
+    A token's time is the end of the step's update, when its RequestOutput exists (the runner
+    returns host lists, so the device work is done by then). Queue time: arrival ->
+    first scheduled; time to first token: arrival -> the first token of any of the n
+    sequences; inter-token latency: between two tokens of one sequence (a step samples at
+    most one token per sequence, so a gap after a preemption shows as one long latency)."""
+    step_durations: list[float] = field(default_factory=list)   # schedule + execute + update
+    step_tokens: list[int] = field(default_factory=list)        # tokens computed per step
+    step_seqs: list[int] = field(default_factory=list)          # sequences per step
+    num_preemptions: int = 0
+    prompt_tokens: int = 0            # prompts of requests that returned their first output
+    generation_tokens: int = 0
+    queue_times: list[float] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)
+    itls: list[float] = field(default_factory=list)
+    finished: list[FinishedRequestStats] = field(default_factory=list)
 
 
 class LLMEngine:
@@ -74,17 +108,21 @@ class LLMEngine:
         self.vocab_size = min(self.vocab_size, mcfg.vocab_size)
         self.eos_token_id = tokenizer.eos_token_id if tokenizer is not None else None
         self.sampler = Sampler(self.vocab_size, self.eos_token_id, seed=config.seed)
-        self.runner = ModelRunner(model, self.cache, self.sampler, self.device)
+        self.runner = ModelRunner(model, self.cache, self.sampler, self.device,
+                                  max_num_seqs=config.scheduler.max_num_seqs)
         if self.device.type == "cuda" and not config.enforce_eager:
             graphs = DecodeGraphs(model, self.cache, self.runner.ops,
                                   default_buckets(config.scheduler.max_num_seqs),
-                                  self.max_model_len, self.device)
+                                  self.max_model_len, self.device,
+                                  workspace=self.runner.workspace)
             graphs.capture_all()
             self.runner.graphs = graphs
         self.consecutive_failures = 0
         self.groups: dict[str, _Group] = {}
         self.seq_to_group: dict[str, _Group] = {}
         self.stats = dict(steps=0, prompt_tokens=0, generation_tokens=0)
+        self.collect_stats = False          # set by whoever calls take_stats() (metrics)
+        self._stats = EngineStats()
         logger.info(self.spec.summary(num_blocks))
 
     # ---- sizing ----------------------------------------------------------------------------
@@ -115,7 +153,8 @@ class LLMEngine:
         torch.cuda.reset_peak_memory_stats(dev)
         n_tok = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
         probe = FactorCache(self.spec, -(-n_tok // self.spec.block_size), dev)
-        runner = ModelRunner(self.model, probe, self.sampler, dev)
+        runner = ModelRunner(self.model, probe, self.sampler, dev,  # its workspace counts in the peak
+                             max_num_seqs=self.config.scheduler.max_num_seqs)
         sr = ScheduledRequest("profile", [0] * n_tok, 0, list(range(probe.num_blocks)), True,
                               SamplingParams(max_tokens=1), [0] * n_tok, [])
         runner.execute(SchedulerOutput([sr]))
@@ -196,13 +235,32 @@ class LLMEngine:
         for sid in group.seq_ids:
             self.scheduler.finish(sid, RequestStatus.FINISHED_ABORTED)
             self.seq_to_group.pop(sid, None)
+        outs = [group.seqs[sid].out for sid in group.seq_ids]
+        self._stats.finished.append(FinishedRequestStats(
+            [o.finish_reason or "abort" for o in outs], len(group.prompt_token_ids),
+            sum(len(o.token_ids) for o in outs), time.monotonic() - group.arrival_time))
+
+    def take_stats(self) -> EngineStats:
+        """The stats gathered since the last call (see EngineStats), and start anew."""
+        stats, self._stats = self._stats, EngineStats()
+        return stats
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
 
     # ---- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        t0 = time.monotonic()
+        if not self.collect_stats:
+            self._stats = EngineStats()        # nobody reads them: keep one step's worth
+        st = self._stats
         sched = self.scheduler.schedule()
+        st.num_preemptions += len(sched.preempted_ids)
+        for s in sched.requests:
+            group = self.seq_to_group.get(s.request_id)
+            if group is not None and group.first_scheduled_time is None:
+                group.first_scheduled_time = self.scheduler.requests[s.request_id].first_scheduled_time
+                st.queue_times.append(group.first_scheduled_time - group.arrival_time)
         if not sched.requests:
             if sched.finished_ids:
                 self.runner.execute(sched)           # lets the runner drop finished state
@@ -234,13 +292,24 @@ class LLMEngine:
             lp = result.logprobs.get(req.request_id)
             n_new = req.num_output_tokens - seq.num_tokens_seen
             self.stats["generation_tokens"] += n_new
-            if n_new and group.first_token_time is None:
-                group.first_token_time = now
+            if n_new:
+                st.generation_tokens += n_new
+                if group.first_token_time is None:
+                    group.first_token_time = now
+                    st.ttfts.append(now - group.arrival_time)
+                last = group.last_token_time.get(req.request_id)
+                if last is not None:
+                    st.itls.append(now - last)
+                group.last_token_time[req.request_id] = now
             hit = seq.advance(req.output_token_ids, [lp] if lp is not None and n_new else [],
                               req.status.finish_reason, req.stop_reason)
             if hit is not None and not req.is_finished:
                 self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED)
-        return [self._output(g, now) for g in touched.values()]
+        outs = [self._output(g, now) for g in touched.values()]
+        st.step_durations.append(time.monotonic() - t0)
+        st.step_tokens.append(sched.num_tokens)
+        st.step_seqs.append(len(sched.requests))
+        return outs
 
     def _fail_step(self, sched, exc: Exception) -> list[RequestOutput]:
         """A step raised: the requests in it fail (their clients get an error), the rest of
@@ -270,8 +339,14 @@ class LLMEngine:
     def _output(self, group: _Group, now: float) -> RequestOutput:
         outs = [group.seqs[sid].out for sid in group.seq_ids]
         finished = all(o.finished for o in outs)
+        if not group.emitted:
+            group.emitted = True
+            self._stats.prompt_tokens += len(group.prompt_token_ids)
         if finished:
             group.finished_at = now
+            self._stats.finished.append(FinishedRequestStats(
+                [o.finish_reason for o in outs], len(group.prompt_token_ids),
+                sum(len(o.token_ids) for o in outs), now - group.arrival_time))
             del self.groups[group.request_id]
             for sid in group.seq_ids:
                 self.seq_to_group.pop(sid, None)

@@ -25,10 +25,12 @@ from tpaserve.models.t6 import T6
 
 class ModelRunner:
     def __init__(self, model: T6, cache: FactorCache, sampler: Sampler, device: torch.device,
-                 graphs: DecodeGraphs | None = None):
+                 graphs: DecodeGraphs | None = None, max_num_seqs: int = 256):
         self.model, self.cache, self.sampler, self.device = model, cache, sampler, device
         self.block_size = cache.spec.block_size
         self.ops = select_ops(device)
+        spec = cache.spec
+        self.workspace = self.ops.make_workspace(max_num_seqs, spec.n_head, spec.head_dim, device)
         self.graphs = graphs             # decode steps of up to graphs.max_batch requests
         self.generators: dict[str, torch.Generator] = {}
 
@@ -86,7 +88,8 @@ class ModelRunner:
             max_seq_len=max(seq_lens))
         input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
-        hidden = self.model(input_ids, pos_t, PagedAttention(self.cache, meta, self.ops))  # (T, d)
+        attn = PagedAttention(self.cache, meta, self.ops, self.workspace)
+        hidden = self.model(input_ids, pos_t, attn)                                   # (T, d)
         logits = self.model.compute_logits(hidden[sample_rows]) if sample_rows else None  # (S, V)
         plp_logits = [(rid, self.model.compute_logits(hidden[rows]), targets, top)
                       for rid, rows, targets, top in plp]

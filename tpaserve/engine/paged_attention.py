@@ -29,6 +29,10 @@ class TorchOps:
     store_factors = staticmethod(reference.store_factors_ref)
 
     @staticmethod
+    def make_workspace(batch, h, d_h, device=None):
+        return None                       # the reference needs no scratch
+
+    @staticmethod
     def paged_attention(q, ak, bk, av, bv, block_tables, seq_lens, query_start_loc,
                         max_query_len, max_seq_len, scale=None, workspace=None):
         return reference.paged_attention_ref(q, ak, bk, av, bv, block_tables, seq_lens,
@@ -43,12 +47,15 @@ def select_ops(device: torch.device):
 
 
 class PagedAttention:
-    def __init__(self, cache: FactorCache, meta: StepMetadata, ops=TorchOps):
-        self.cache, self.meta, self.ops = cache, meta, ops
+    def __init__(self, cache: FactorCache, meta: StepMetadata, ops=TorchOps,
+                 workspace: torch.Tensor | None = None):
+        # workspace: split-K scratch allocated once by the runner (a graph replays its address)
+        self.cache, self.meta, self.ops, self.workspace = cache, meta, ops, workspace
 
     def __call__(self, layer, q, ak, bk, av, bv, cos, sin):
         m = self.meta
         ak_c, bk_c, av_c, bv_c = self.cache.layer(layer)
         self.ops.store_factors(ak, bk, av, bv, cos, sin, m.slot_mapping, ak_c, bk_c, av_c, bv_c)
         return self.ops.paged_attention(q, ak_c, bk_c, av_c, bv_c, m.block_tables, m.seq_lens,
-                                        m.query_start_loc, m.max_query_len, m.max_seq_len)
+                                        m.query_start_loc, m.max_query_len, m.max_seq_len,
+                                        workspace=self.workspace)

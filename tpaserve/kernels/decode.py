@@ -1,0 +1,389 @@
+"""Paged FlashTPA decode: one query per sequence against its block-paged factor cache.
+
+For query q[b] (h, d_h) and cached positions m of sequence b (reference.paged_attention_ref):
+    logit[h, m] = scale / R_K * sum_s A_K[m, h, s] * (q[h] . B_K[m, s])
+    out[h, :]   = 1 / R_V * sum_{m, u} softmax_m(logit)[h, m] * A_V[m, h, u] * B_V[m, u, :]
+K and V are never formed. Per tile of BLOCK_N tokens and block of HB heads, each rank is
+one tensor-core product of FlashAttention's shapes:
+    S_s (HB, N)  = q (HB, d) @ B_K[:, s]^T (d, N)        then  logit += A_K[:, :, s]^T * S_s
+    acc (HB, d) += (p * A_V[:, :, u]^T) (HB, N) @ B_V[:, u] (N, d)
+so the arithmetic is R_K + R_V small matmuls per tile, and ranks are never a dot dimension
+(R = 1, 2, 6 all work; tl.dot wants every dim >= 16, which HB, BLOCK_N and d padded give).
+
+Grid (head block, split, sequence): head blocks of one (sequence, split) are adjacent
+program ids, so the B factors they share can hit L2 on the second and third read (they
+drift apart over long splits: ncu saw 1.5x the counted DRAM bytes with 3 splits of 11K
+positions). Each split covers split_len positions; with more than one split the programs
+write unnormalised partials (acc, running max m, running sum l) to a workspace, and the
+last program to finish for a (sequence, head block) merges them (`_merge_splits`): one
+launch either way. The last split also takes any positions past num_splits * split_len,
+so a `max_seq_len` that is too small costs speed, never correctness.
+
+Launchers never read device values: sizes come from the caller as Python ints, and the
+split-K scratch can be passed in preallocated, so a decode step can be captured in a
+CUDA graph.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from tpaserve.kernels import _validate as v
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_a(a_ptr, slot, offs_h, tok_ok, h_ok, H: tl.constexpr, R: tl.constexpr,
+            R_PAD: tl.constexpr, H_EVEN: tl.constexpr):
+    """A factor of N positions and HB heads: (N, HB) when R == 1, else (N, HB, R_PAD) with
+    the rank fastest. Each (position, head) holds R contiguous numbers, so the loads are
+    vectors (>= 4 bytes for R >= 2, which cp.async needs to pipeline them) along heads.
+    The head mask is left out when HB divides H: a mask that may vary along the vector
+    makes the compiler split it into 2-byte loads it cannot pipeline."""
+    if R == 1:
+        mask = tok_ok[:, None]
+        if not H_EVEN:
+            mask = mask & h_ok[None, :]
+        a = tl.load(a_ptr + slot[:, None] * H + offs_h[None, :], mask=mask, other=0.0)
+    else:
+        offs_r = tl.arange(0, R_PAD)
+        mask = tok_ok[:, None, None]
+        if not H_EVEN:
+            mask = mask & h_ok[None, :, None]
+        if R_PAD != R:
+            mask = mask & (offs_r < R)[None, None, :]
+        a = tl.load(a_ptr + slot[:, None, None] * (H * R) + offs_h[None, :, None] * R
+                    + offs_r[None, None, :], mask=mask, other=0.0)
+    return a
+
+
+@triton.jit
+def _rank(a, s: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr):
+    """Rank s of an A tile from _load_a, as (N, HB). The rank dim lives in one thread (it
+    was loaded as a vector), so this is register selection, no data exchange."""
+    if R == 1:
+        out = a
+    elif R == 2:
+        a0, a1 = tl.split(a)                  # stays in the cache dtype: half the bytes of
+        if s == 0:                            # fp32 if it is re-laid out for the dot
+            out = a0
+        else:
+            out = a1
+    else:
+        offs_r = tl.arange(0, R_PAD)
+        out = tl.sum(tl.where(offs_r[None, None, :] == s, a, 0.0), axis=2)
+    return out
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, ak_ptr, bk_ptr, av_ptr, bv_ptr,        # q (T, H, D); caches contiguous
+    bt_ptr, seq_lens_ptr, qsl_ptr,                # block_tables (B, max_blocks); (B,); (B+1,)
+    out_ptr, ws_ptr,                              # out (T, H, D); fp32 split-K workspace
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+    split_len, num_splits, ml_offset, cnt_offset,  # where (m, l) and the counters start in ws
+    qk_scale, out_scale,                          # scale / R_K * log2(e); 1 / R_V
+    H: tl.constexpr, D: tl.constexpr, R_K: tl.constexpr, R_V: tl.constexpr,
+    BS: tl.constexpr, HB: tl.constexpr, D_PAD: tl.constexpr, RK_PAD: tl.constexpr,
+    RV_PAD: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    MERGE_SB: tl.constexpr,       # splits merged per step (sized to ~32 fp32 values a thread)
+):
+    hb = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = tl.program_id(2)
+    row = tl.load(qsl_ptr + b)
+    if tl.load(qsl_ptr + b + 1) == row:           # sequence has no query this step
+        return
+    L = tl.load(seq_lens_ptr + b)
+    lo = sp * split_len
+    if (lo >= L) & (sp > 0):                      # empty split: the merge never reads it
+        return
+    hi = tl.where(sp == num_splits - 1, L, tl.minimum(lo + split_len, L))
+
+    H_EVEN: tl.constexpr = H % HB == 0
+    offs_h = hb * HB + tl.arange(0, HB)           # (HB,)
+    offs_d = tl.arange(0, D_PAD)                  # (D_PAD,)
+    h_ok = offs_h < H
+    d_ok = offs_d < D
+
+    q_mask = h_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + row * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :],
+                mask=q_mask, other=0.0)          # (HB, D_PAD)
+
+    m_i = tl.full([HB], float("-inf"), tl.float32)
+    l_i = tl.zeros([HB], tl.float32)
+    acc = tl.zeros([HB, D_PAD], tl.float32)
+    bt_row = bt_ptr + b * stride_bt
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)       # (N,) positions of this tile
+        tok_ok = pos < hi
+        if BS % BLOCK_N == 0:
+            # The tile lies inside one cache block (tiles start at multiples of BLOCK_N):
+            # one block-table read, consecutive slots, so the pointers are a scalar tile
+            # base plus loop-invariant int32 offsets (fewer registers and integer ops).
+            blk = tl.load(bt_row + start // BS)
+            first = blk.to(tl.int64) * BS + start % BS
+            slot = tl.arange(0, BLOCK_N)          # (N,) slot - first
+            akp = ak_ptr + first * (H * R_K)
+            bkp = bk_ptr + first * (R_K * D)
+            avp = av_ptr + first * (H * R_V)
+            bvp = bv_ptr + first * (R_V * D)
+        else:
+            blk = tl.load(bt_row + pos // BS, mask=tok_ok, other=0)
+            slot = blk.to(tl.int64) * BS + pos % BS   # (N,) cache slot of each position
+            akp = ak_ptr
+            bkp = bk_ptr
+            avp = av_ptr
+            bvp = bv_ptr
+
+        ak = _load_a(akp, slot, offs_h, tok_ok, h_ok, H, R_K, RK_PAD, H_EVEN)  # (N, HB[, R])
+        b_mask = tok_ok[:, None]
+        if D_PAD != D:
+            b_mask = b_mask & d_ok[None, :]
+        s_hn = tl.zeros([HB, BLOCK_N], tl.float32)
+        for s in tl.static_range(R_K):
+            bk = tl.load(bkp + slot[:, None] * (R_K * D) + s * D + offs_d[None, :],
+                         mask=b_mask, other=0.0)                      # (N, D_PAD)
+            qb = tl.dot(q, tl.trans(bk))                              # (HB, N)
+            ak_s = _rank(ak, s, R_K, RK_PAD)                          # (N, HB)
+            s_hn += qb * tl.trans(ak_s).to(tl.float32)
+
+        # online softmax in base 2 (qk_scale carries log2 e)
+        logits = tl.where(tok_ok[None, :], s_hn * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(logits - m_new[:, None])                          # (HB, N)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+
+        av = _load_a(avp, slot, offs_h, tok_ok, h_ok, H, R_V, RV_PAD, H_EVEN)  # (N, HB[, R])
+        for u in tl.static_range(R_V):
+            bv = tl.load(bvp + slot[:, None] * (R_V * D) + u * D + offs_d[None, :],
+                         mask=b_mask, other=0.0)                      # (N, D_PAD)
+            av_u = _rank(av, u, R_V, RV_PAD)                          # (N, HB)
+            w = (p * tl.trans(av_u).to(tl.float32)).to(bv.dtype)      # (HB, N)
+            acc = tl.dot(w, bv, acc)                                  # (HB, D_PAD)
+
+    if SPLIT:
+        ws_row = (b * num_splits + sp) * H + offs_h                   # (HB,)
+        tl.store(ws_ptr + ws_row[:, None] * D + offs_d[None, :], acc, mask=q_mask)
+        tl.store(ws_ptr + ml_offset + ws_row * 2, m_i, mask=h_ok)
+        tl.store(ws_ptr + ml_offset + ws_row * 2 + 1, l_i, mask=h_ok)
+        # The program that finishes last for this (sequence, head block) merges the splits,
+        # so split-K is one launch. Its counter (at the end of the workspace, zeroed by the
+        # launcher before every launch) counts the non-empty splits done.
+        n_used = tl.minimum(num_splits, tl.maximum((L + split_len - 1) // split_len, 1))
+        cnt_ptr = (ws_ptr + cnt_offset).to(tl.pointer_type(tl.int32), bitcast=True) \
+            + b * tl.num_programs(0) + hb
+        tl.debug_barrier()                        # every thread's partial is written
+        done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+        if done == n_used - 1:
+            _merge_splits(ws_ptr, out_ptr, row, b, stride_ot, stride_oh, n_used, num_splits,
+                          ml_offset, out_scale, offs_h, offs_d, h_ok, q_mask, H, D, HB, MERGE_SB)
+    else:
+        inv_l = out_scale / tl.where(l_i > 0, l_i, 1.0)    # l = 0: no context, acc = 0
+        o = acc * inv_l[:, None]
+        tl.store(out_ptr + row * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _merge_splits(ws_ptr, out_ptr, row, b, stride_ot, stride_oh, n_used, num_splits,
+                  ml_offset, out_scale, offs_h, offs_d, h_ok, q_mask,
+                  H: tl.constexpr, D: tl.constexpr, HB: tl.constexpr, SB: tl.constexpr):
+    """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s / R_V over the used splits,
+    SB splits at a time. Partials are read with .cg (L2): other SMs wrote them. SB is kept
+    small: registers are allocated for the whole kernel, and a wide merge tile would cost
+    the main loop its occupancy (measured: 246 registers/thread with SB = 8, HB 16, 4 warps)."""
+    offs_s = tl.arange(0, SB)
+    m_run = tl.full([HB], float("-inf"), tl.float32)
+    l_run = tl.zeros([HB], tl.float32)
+    acc = tl.zeros([HB, offs_d.shape[0]], tl.float32)
+    for s0 in range(0, n_used, SB):
+        s_ok = (s0 + offs_s) < n_used                                 # (SB,)
+        rows = (b * num_splits + s0 + offs_s)[:, None] * H + offs_h[None, :]   # (SB, HB)
+        sh_ok = s_ok[:, None] & h_ok[None, :]
+        m_s = tl.load(ws_ptr + ml_offset + rows * 2, mask=sh_ok, other=float("-inf"),
+                      cache_modifier=".cg")
+        l_s = tl.load(ws_ptr + ml_offset + rows * 2 + 1, mask=sh_ok, other=0.0,
+                      cache_modifier=".cg")
+        a_s = tl.load(ws_ptr + rows[:, :, None] * D + offs_d[None, None, :],
+                      mask=s_ok[:, None, None] & q_mask[None, :, :], other=0.0,
+                      cache_modifier=".cg")                            # (SB, HB, D_PAD)
+        m_new = tl.maximum(m_run, tl.max(m_s, axis=0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)         # no (-inf) - (-inf)
+        c_run = tl.exp2(m_run - m_ref)
+        c_s = tl.exp2(m_s - m_ref[None, :])                           # (SB, HB)
+        acc = acc * c_run[:, None] + tl.sum(a_s * c_s[:, :, None], axis=0)
+        l_run = l_run * c_run + tl.sum(l_s * c_s, axis=0)
+        m_run = m_new
+    inv_l = out_scale / tl.where(l_run > 0, l_run, 1.0)
+    o = acc * inv_l[:, None]
+    tl.store(out_ptr + row * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    head_block: int      # heads per program (>= 16: a tl.dot dim)
+    block_n: int         # cache positions per loop iteration (>= 16)
+    num_warps: int
+    num_stages: int
+    maxnreg: int | None = None     # register cap per thread (more programs per SM)
+
+
+# Interpreter (CPU tests): smallest legal tiles, so short sequences still span several tiles.
+_INTERPRET_CONFIG = DecodeConfig(head_block=16, block_n=16, num_warps=4, num_stages=1)
+
+
+def decode_config(h: int, d_h: int, r_k: int, r_v: int, block_size: int,
+                  batch: int) -> DecodeConfig:
+    """Tile config per model shape, cache block size and batch (GPU). Measured on the H200
+    with Triton 3.6 (docs/kernel_notes.md): small programs win, because Triton 3.6 gives
+    these tiles 130-255 registers a thread and occupancy, not tile efficiency, bounds the
+    kernel. A BLOCK_N that divides block_size keeps a tile inside one cache block (one
+    block-table read, cheap pointers); deeper pipelines (5 stages) keep more loads in flight.
+        T6-medium 64 x 32K: (16, 16, 1 warp, 5 st) 806 us; (16, 16, 2, 5) 900; (16, 16, 2, 3)
+        944; (64, 16, 4, 2) 1183; (16, 32, 4, 2) 1406 (the first version)
+        batch 1 x 4K graph replay: (16, 16, 2, 3) 22.7 us; (16, 16, 1, 5) 32.2 us
+        paper 64 x 32K: (32, 32, 1, 5) 279 us; (32, 16, 1, 5) 280; (32, 32, 1, 3) 299
+    """
+    if v.INTERPRET:
+        return _INTERPRET_CONFIG
+    if r_k == 1 and r_v == 1 and h <= 32:
+        # paper shape (h 32, R 1): all heads in one 1-warp program
+        bn = 32 if block_size % 32 == 0 else 16
+        return DecodeConfig(head_block=v.next_pow2(h, 16), block_n=bn, num_warps=1,
+                            num_stages=5)
+    # T6 ranks (h 47, R 2): 16-head blocks, 16-position tiles
+    if batch < 16:       # few, short programs: latency of each matters more than occupancy
+        return DecodeConfig(head_block=16, block_n=16, num_warps=2, num_stages=3)
+    return DecodeConfig(head_block=16, block_n=16, num_warps=1, num_stages=5)
+
+
+# Split-K heuristic: splits = ceil(16 * SMs / (batch * head blocks)), at most
+# max_seq_len / 128 and 64. Measured on the H200 (us, do_bench; T6-medium with
+# (16, 16, 2 warps, 3 stages), paper with (32, 32, 1, 3)), splits: time:
+#   T6 1 x 4K     1:338 2:170 4:94 8:53 16:35 32:29          -> rule 32
+#   T6 1 x 32K    1:2696 4:687 16:181 32:104 64:73           -> rule 64
+#   T6 16 x 32K   1:2573 4:682 8:385 16:270 32:309 64:276    -> rule 44
+#   T6 64 x 32K   1:2646 2:1466 4:1018 8:1134 16:966 64:1010 -> rule 11
+#   T6 64 x 128K  1:10527 4:4046 8:4117 16:3774 64:3771      -> rule 11
+#   T6 256 x 4K   1:499 2:576 4:494 8:509 16:538             -> rule 3
+#   paper 1 x 32K 1:2239 8:276 16:151 32:91 64:71            -> rule 64
+#   paper 16 x 32K 1:2269 16:164 32:114 64:107               -> rule 64
+#   paper 64 x 4K 1:292 4:91 8:63 16:56 32:73                -> rule 32 (30% off best)
+# Past ~2 programs per SM the curve is flat within run-to-run noise (~10%), except short
+# contexts of the 1-program-per-sequence paper shape; one split per sequence is 2-3x
+# slower wherever batch * head blocks < 2 * SMs.
+MAX_SPLITS = 64
+_TARGET_PROGRAMS_PER_SM = 16     # programs are 1-2 warps: this many keep loads in flight
+_MIN_SPLIT_TOKENS = 128          # below this a split's fixed cost outweighs its parallelism
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_splits_for(batch: int, h: int, max_seq_len: int, config: DecodeConfig,
+                   device: torch.device) -> int:
+    """Splits per sequence from host-side sizes only (no device reads)."""
+    if device.type != "cuda":
+        return 1
+    n_hb = -(-h // config.head_block)
+    target = _TARGET_PROGRAMS_PER_SM * _sm_count(device.index or 0)
+    s = -(-target // (batch * n_hb))
+    s = min(s, MAX_SPLITS, max(1, max_seq_len // _MIN_SPLIT_TOKENS))
+    return max(1, s)
+
+
+def _split_len(max_seq_len: int, num_splits: int, block_n: int) -> int:
+    per = -(-max(max_seq_len, 1) // num_splits)
+    return -(-per // block_n) * block_n
+
+
+def workspace_numel(batch: int, h: int, d_h: int, num_splits: int) -> int:
+    """fp32 elements of split-K scratch: partial acc (B, S, h, d_h), then (m, l) (B, S, h, 2),
+    then one int32 counter per (sequence, head block) (at most B * h)."""
+    return batch * num_splits * h * (d_h + 2) + batch * h
+
+
+def make_workspace(batch: int, h: int, d_h: int, num_splits: int = MAX_SPLITS,
+                   device: torch.device | str = "cuda") -> torch.Tensor:
+    """Split-K scratch for up to `batch` sequences and `num_splits` splits; allocate once
+    and pass to every decode call (any contents: the launcher zeroes the counters it uses)."""
+    return torch.empty(workspace_numel(batch, h, d_h, num_splits), dtype=torch.float32,
+                       device=device)
+
+
+def decode_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Tensor,
+                     av_cache: torch.Tensor, bv_cache: torch.Tensor,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                     query_start_loc: torch.Tensor, max_seq_len: int,
+                     scale: float | None = None, workspace: torch.Tensor | None = None,
+                     num_splits: int | None = None, out: torch.Tensor | None = None,
+                     config: DecodeConfig | None = None) -> torch.Tensor:
+    """Decode attention: each sequence has at most one query row (query_start_loc).
+
+    q (T, h, d_h) with RoPE and 1/R_Q applied; caches as in reference.py; returns (T, h, d_h)
+    in q's dtype (rows of sequences without a query are left untouched). max_seq_len is the
+    host-side bound on seq_lens used to size the splits. workspace: fp32, contiguous,
+    >= workspace_numel(B, h, d_h, num_splits) elements (make_workspace), reused across calls
+    and CUDA-graph replays; allocated here when None.
+    num_splits / config override the heuristic and the tuned tiles (tests, benchmarks).
+    """
+    _, bs, h, d_h, r_k, r_v = v.factor_caches(ak_cache, bk_cache, av_cache, bv_cache)
+    batch = v.step_metadata(q, block_tables, seq_lens, query_start_loc, h, d_h,
+                            ak_cache.dtype, ak_cache.device)
+    out = v.output(out, q)
+    cfg = config or decode_config(h, d_h, r_k, r_v, bs, batch)
+    if num_splits is None:
+        num_splits = num_splits_for(batch, h, max_seq_len, cfg, q.device)
+    if not isinstance(num_splits, int) or num_splits < 1:
+        raise v.KernelInputError(f"num_splits must be a positive int, got {num_splits!r}")
+    split_len = _split_len(max_seq_len, num_splits, cfg.block_n)
+    need = workspace_numel(batch, h, d_h, num_splits)
+    if num_splits == 1:
+        ws = out                                   # unused: the kernel writes out directly
+    elif workspace is None:
+        ws = torch.empty(need, dtype=torch.float32, device=q.device)
+    else:
+        if (workspace.dtype != torch.float32 or not workspace.is_contiguous()
+                or workspace.device != q.device or workspace.numel() < need):
+            raise v.KernelInputError(
+                f"workspace must be contiguous fp32 on {q.device} with >= {need} elements "
+                f"(B={batch}, h={h}, d_h={d_h}, splits={num_splits}); got "
+                f"{workspace.numel()} {workspace.dtype} on {workspace.device}")
+        ws = workspace
+    if batch == 0:
+        return out
+    scale = 1.0 / math.sqrt(d_h) if scale is None else float(scale)
+    hb = cfg.head_block
+    d_pad = v.next_pow2(d_h, 16)
+    ml_offset = batch * num_splits * h * d_h
+    cnt_offset = ml_offset + batch * num_splits * h * 2
+    if num_splits > 1:
+        # split counters start at 0 on every launch (a memset: async, graph-capturable).
+        # Zeroing here rather than in the kernel keeps any reused workspace safe, whatever
+        # batch and split count the previous call laid out in it.
+        ws[cnt_offset:cnt_offset + batch * triton.cdiv(h, hb)].zero_()
+    grid = (triton.cdiv(h, hb), num_splits, batch)
+    _decode_kernel[grid](
+        q, ak_cache, bk_cache, av_cache, bv_cache, block_tables, seq_lens, query_start_loc,
+        out, ws, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        block_tables.stride(0), split_len, num_splits, ml_offset, cnt_offset,
+        scale / r_k * LOG2E, 1.0 / r_v,
+        H=h, D=d_h, R_K=r_k, R_V=r_v, BS=bs, HB=hb, D_PAD=d_pad,
+        RK_PAD=v.next_pow2(r_k), RV_PAD=v.next_pow2(r_v), BLOCK_N=cfg.block_n,
+        SPLIT=num_splits > 1, MERGE_SB=max(1, 32 * 32 * cfg.num_warps // (hb * d_pad)),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
+    return out

@@ -1,0 +1,34 @@
+"""The two entry points the engine calls per layer per step.
+
+    store_factors(...)    write the step's factors into the paged cache (RoPE on B_K fused)
+    paged_attention(...)  attend the step's queries over the cache: the decode kernel when
+                          every sequence has one query (max_query_len == 1), else the
+                          extend/prefill kernel
+
+Both take sizes as Python ints from the scheduler and never read the GPU, so a step can be
+captured in a CUDA graph (pass `workspace`, sized by decode.workspace_numel, for decode).
+"""
+from __future__ import annotations
+
+import torch
+
+from tpaserve.kernels.decode import decode_attention, make_workspace
+from tpaserve.kernels.prefill import prefill_attention
+from tpaserve.kernels.store import store_factors
+
+__all__ = ["store_factors", "paged_attention", "make_workspace"]
+
+
+def paged_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Tensor,
+                    av_cache: torch.Tensor, bv_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int,
+                    max_seq_len: int, scale: float | None = None,
+                    workspace: torch.Tensor | None = None) -> torch.Tensor:
+    """q (T, h, d_h) -> (T, h, d_h): causal FlashTPA over the paged factor cache
+    (reference.paged_attention_ref defines the result)."""
+    if max_query_len == 1:
+        return decode_attention(q, ak_cache, bk_cache, av_cache, bv_cache, block_tables,
+                                seq_lens, query_start_loc, max_seq_len, scale=scale,
+                                workspace=workspace)
+    return prefill_attention(q, ak_cache, bk_cache, av_cache, bv_cache, block_tables, seq_lens,
+                             query_start_loc, max_query_len, scale=scale)

@@ -1,0 +1,130 @@
+"""Paged FlashTPA extend/prefill: each sequence's chunk of n query rows, at positions
+L-n .. L-1, against its cached prefix plus causally within the chunk. Everything is read
+from the factor cache after the step's store, so K/V are never rebuilt for the context.
+
+For one head h, a tile of BLOCK_M queries and BLOCK_N cache positions (per rank, tensor cores):
+    logit (M, N)  = scale / R_K * sum_s (q_h (M, d) @ B_K[:, s]^T (d, N)) * A_K[:, h, s][None, :]
+    acc (M, d)   += sum_u (p * A_V[:, h, u][None, :]) (M, N) @ B_V[:, u] (N, d)
+then out = acc / l / R_V. Grid (query block, head, sequence); programs past a sequence's
+chunk exit at once. Position tiles past the block's last query are never visited.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from tpaserve.kernels import _validate as v
+from tpaserve.kernels.decode import LOG2E
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, ak_ptr, bk_ptr, av_ptr, bv_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+    qk_scale, out_scale,
+    H: tl.constexpr, D: tl.constexpr, R_K: tl.constexpr, R_V: tl.constexpr,
+    BS: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    mb = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + b)
+    n = tl.load(qsl_ptr + b + 1) - q_start
+    if mb * BLOCK_M >= n:
+        return
+    L = tl.load(seq_lens_ptr + b)
+    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)      # (M,) row within the chunk
+    row_ok = rows < n
+    qpos = L - n + rows                              # (M,) position of each query
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < D
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + (q_start + rows)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=q_mask, other=0.0)             # (M, D_PAD)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    hi = tl.minimum(L, L - n + (mb + 1) * BLOCK_M)   # one past the block's last query
+    bt_row = bt_ptr + b * stride_bt
+    b_mask_d = d_ok[None, :]
+    for start in range(0, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        tok_ok = pos < hi
+        blk = tl.load(bt_row + pos // BS, mask=tok_ok, other=0)
+        slot = blk.to(tl.int64) * BS + pos % BS
+        b_mask = tok_ok[:, None] & b_mask_d
+        s_mn = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for s in tl.static_range(R_K):
+            bk = tl.load(bk_ptr + slot[:, None] * (R_K * D) + s * D + offs_d[None, :],
+                         mask=b_mask, other=0.0)                        # (N, D_PAD)
+            ak_s = tl.load(ak_ptr + slot * (H * R_K) + h * R_K + s, mask=tok_ok,
+                           other=0.0).to(tl.float32)                    # (N,)
+            s_mn += tl.dot(q, tl.trans(bk)) * ak_s[None, :]
+        causal = (pos[None, :] <= qpos[:, None]) & tok_ok[None, :]
+        logits = tl.where(causal, s_mn * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        # rows whose first tiles are all masked keep m = -inf: avoid (-inf) - (-inf)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(logits - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+        for u in tl.static_range(R_V):
+            bv = tl.load(bv_ptr + slot[:, None] * (R_V * D) + u * D + offs_d[None, :],
+                         mask=b_mask, other=0.0)
+            av_u = tl.load(av_ptr + slot * (H * R_V) + h * R_V + u, mask=tok_ok,
+                           other=0.0).to(tl.float32)
+            acc = tl.dot((p * av_u[None, :]).to(bv.dtype), bv, acc)
+    inv_l = out_scale / tl.where(l_i > 0, l_i, 1.0)    # l = 0: no context, acc = 0
+    o = acc * inv_l[:, None]
+    tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+_INTERPRET_CONFIG = PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+_GPU_CONFIG = PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+
+
+def prefill_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Tensor,
+                      av_cache: torch.Tensor, bv_cache: torch.Tensor,
+                      block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                      query_start_loc: torch.Tensor, max_query_len: int,
+                      scale: float | None = None, out: torch.Tensor | None = None,
+                      config: PrefillConfig | None = None) -> torch.Tensor:
+    """Causal paged attention for chunks of queries (any n per sequence, decode rows too).
+
+    q (T, h, d_h); sequence i owns rows query_start_loc[i]:query_start_loc[i+1], at
+    positions seq_lens[i]-n_i .. seq_lens[i]-1. max_query_len: host bound on every n_i
+    (rows past it are not computed). Returns (T, h, d_h) in q's dtype.
+    """
+    _, bs, h, d_h, r_k, r_v = v.factor_caches(ak_cache, bk_cache, av_cache, bv_cache)
+    batch = v.step_metadata(q, block_tables, seq_lens, query_start_loc, h, d_h,
+                            ak_cache.dtype, ak_cache.device)
+    out = v.output(out, q)
+    if batch == 0 or max_query_len <= 0:
+        return out
+    cfg = config or (_INTERPRET_CONFIG if v.INTERPRET else _GPU_CONFIG)
+    scale = 1.0 / math.sqrt(d_h) if scale is None else float(scale)
+    grid = (triton.cdiv(max_query_len, cfg.block_m), h, batch)
+    _prefill_kernel[grid](
+        q, ak_cache, bk_cache, av_cache, bv_cache, block_tables, seq_lens, query_start_loc, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        scale / r_k * LOG2E, 1.0 / r_v,
+        H=h, D=d_h, R_K=r_k, R_V=r_v, BS=bs, D_PAD=v.next_pow2(d_h, 16),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
