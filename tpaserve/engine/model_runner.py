@@ -30,7 +30,8 @@ class ModelRunner:
         self.block_size = cache.spec.block_size
         self.ops = select_ops(device)
         spec = cache.spec
-        self.workspace = self.ops.make_workspace(max_num_seqs, spec.n_head, spec.head_dim, device)
+        self.workspace = self.ops.make_workspace(max_num_seqs, spec.n_head, spec.head_dim,
+                                                 device=device)
         self.graphs = graphs             # decode steps of up to graphs.max_batch requests
         self.generators: dict[str, torch.Generator] = {}
 

@@ -79,8 +79,8 @@ def paged_attention_ref(q, ak_cache, bk_cache, av_cache, bv_cache, block_tables,
         qi = q[qs:qe].float()                                         # (n, h, d_h)
         qb = torch.einsum("nhd,msd->nhms", qi, bk)                   # (n, h, L, R_K)
         logits = torch.einsum("nhms,mhs->nhm", qb, ak) * (scale / ak.size(-1))
-        pos = torch.arange(L - (qe - qs), L)                          # query positions
-        mask = torch.arange(L)[None, :] > pos[:, None]                # (n, L) future
+        pos = torch.arange(L - (qe - qs), L, device=q.device)         # query positions
+        mask = torch.arange(L, device=q.device)[None, :] > pos[:, None]  # (n, L) future
         logits.masked_fill_(mask[:, None, :], float("-inf"))
         p = torch.softmax(logits, dim=-1)                             # (n, h, L)
         w = torch.einsum("nhm,mhu->nhmu", p, av)                      # (n, h, L, R_V)
