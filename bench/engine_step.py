@@ -5,18 +5,25 @@
    prefill/decode workload compared step by step, and greedy tokens compared.
 2. Speed: a full T6-medium decode step (24 layers, random weights, bf16) at batch 1, 16, 64
    with CUDA graphs and eager: engine.step() wall time (scheduling + runner + sampling) and
-   the graph replay alone.
+   the graph replay alone. Variant "fused" is the engine as built (fused projection GEMMs +
+   the kernels/fused.py tails); "base" is the same model unfused on plain torch ops, for an
+   A/B in one run.
+3. Kernel census (graph rows): the kernels of one decode step (the captured forward, run
+   eagerly under torch.profiler): count per step and per layer, and device time by kernel.
 
-    PYTHONPATH=. python3 bench/engine_step.py [--quick]
+    PYTHONPATH=. python3 bench/engine_step.py [--quick] [--no-correctness]
+        [--rows base:1:graphs,fused:1:graphs,fused:16:graphs]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import statistics
 import time
+from collections import defaultdict
 
 import torch
 
@@ -68,12 +75,48 @@ def check_correctness(quick: bool) -> dict:
                 graphs=fast.runner.graphs is not None)
 
 
-def time_decode(batch: int, eager: bool, ctx: int, steps: int) -> dict:
-    cfg = ModelConfig(**MEDIUM)
-    model = make_model(cfg)
-    eng = build_engine(model, num_blocks=batch * (ctx // 16 + 40) + 64, block_size=16,
-                       max_num_batched_tokens=max(2048, ctx), max_num_seqs=max(batch, 1),
-                       enforce_eager=eager)
+@contextlib.contextmanager
+def unfused(model: T6):
+    """build_engine without fuse_projections, model on plain torch ops (the pre-fusion step)."""
+    fuse = T6.fuse_projections
+    T6.fuse_projections = lambda self: self
+    model.use_kernels = False
+    try:
+        yield
+    finally:
+        T6.fuse_projections = fuse
+
+
+def kernel_census(eng, batch: int) -> dict:
+    """Kernels (and memsets) of one decode step: the graph's forward run eagerly under the
+    profiler. Returns counts and device microseconds by kernel name."""
+    from torch.profiler import ProfilerActivity, profile
+    g = eng.runner.graphs
+    b = g.bucket_for(batch)
+    with torch.inference_mode():
+        g._forward(b)                                        # warm (no compiles inside)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            g._forward(b)
+            torch.cuda.synchronize()
+    count, us = defaultdict(int), defaultdict(float)
+    for e in prof.events():
+        if str(e.device_type).endswith("CUDA"):
+            count[e.name] += 1
+            us[e.name] += e.time_range.elapsed_us()
+    n = sum(count.values())
+    top = sorted(us, key=us.get, reverse=True)[:14]
+    return dict(kernels_per_step=n, kernels_per_layer=n / MEDIUM["n_layer"],
+                device_us_total=sum(us.values()),
+                top=[(k[:70], count[k], round(us[k], 1)) for k in top])
+
+
+def time_decode(model: T6, variant: str, batch: int, eager: bool, ctx: int, steps: int) -> dict:
+    ctxm = unfused(model) if variant == "base" else contextlib.nullcontext()
+    with ctxm:
+        eng = build_engine(model, num_blocks=batch * (ctx // 16 + 40) + 64, block_size=16,
+                           max_num_batched_tokens=max(2048, ctx), max_num_seqs=max(batch, 1),
+                           enforce_eager=eager)
     p = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
     rng = random.Random(1)
     for i in range(batch):
@@ -90,20 +133,31 @@ def time_decode(batch: int, eager: bool, ctx: int, steps: int) -> dict:
         t = time.perf_counter()
         eng.step()              # returns after sampling: .tolist() syncs the device
         times.append(time.perf_counter() - t)
-    row = dict(batch=batch, ctx=ctx, eager=eager, step_ms_median=1e3 * statistics.median(times),
+    row = dict(variant=variant, batch=batch, ctx=ctx, eager=eager,
+               step_ms_median=1e3 * statistics.median(times),
                step_ms_p90=1e3 * sorted(times)[int(0.9 * len(times))])
     g = eng.runner.graphs
     if g is not None and batch in g.graphs:
         graph, _ = g.graphs[g.bucket_for(batch)]
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(50):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        row["graph_replay_ms"] = start.elapsed_time(end) / 50
-    del eng, model
+        reps = []
+        for _ in range(5):                                   # 5 x 50 replays: median, spread
+            torch.cuda.synchronize()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(50):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            reps.append(start.elapsed_time(end) / 50)
+        row["graph_replay_ms"] = statistics.median(reps)
+        row["graph_replay_ms_range"] = [min(reps), max(reps)]
+        try:
+            row["census"] = kernel_census(eng, batch)
+        except Exception as e:                               # the profiler is optional
+            row["census"] = dict(error=repr(e))
+    del eng
+    model.use_kernels = None
     torch.cuda.empty_cache()
     return row
 
@@ -111,23 +165,41 @@ def time_decode(batch: int, eager: bool, ctx: int, steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-correctness", action="store_true",
+                    help="skip the engine check (tests/engine/test_engine_gpu.py does it too)")
+    ap.add_argument("--rows", default="base:1:graphs,fused:1:graphs,fused:1:eager,"
+                    "fused:16:graphs,fused:64:graphs,base:64:graphs",
+                    help="variant:batch:mode,... (variant base|fused, mode graphs|eager); "
+                         "base rows run first, while the model is still unfused")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
-    res["correctness"] = check_correctness(args.quick)
-    print("correctness:", res["correctness"], flush=True)
+    if not args.no_correctness:
+        res["correctness"] = check_correctness(args.quick)
+        print("correctness:", res["correctness"], flush=True)
+    specs = [(v, int(b), m == "eager") for v, b, m in (r.split(":") for r in args.rows.split(","))]
+    specs.sort(key=lambda s: s[0] != "base")   # fusing is in place: unfused rows first
+    base = make_model(ModelConfig(**MEDIUM))
     rows = []
-    for batch, eager in [(1, False), (1, True), (16, False), (64, False), (64, True)]:
-        rows.append(time_decode(batch, eager, ctx=512 if args.quick else 1024, steps=30))
+    for variant, batch, eager in specs:
+        model = base          # fused rows fuse it in place (build_engine); base rows ran first
+        rows.append(time_decode(model, variant, batch, eager,
+                                ctx=512 if args.quick else 1024, steps=30))
         print(rows[-1], flush=True)
-    res["decode"] = rows
-    with open(os.path.join(args.out, "engine_step.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    print("\n| batch | context | mode | engine step median (ms) | p90 | graph replay (ms) |")
-    print("|---|---|---|---|---|---|")
+        res["decode"] = rows
+        with open(os.path.join(args.out, "engine_step.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    print("\n| variant | batch | context | mode | engine step median (ms) | p90 | graph replay "
+          "(ms) | kernels/layer |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['ctx']} | {'eager' if r['eager'] else 'graphs'} | "
-              f"{r['step_ms_median']:.3f} | {r['step_ms_p90']:.3f} | {r.get('graph_replay_ms', float('nan')):.3f} |")
+        k = r.get("census", {}).get("kernels_per_layer", float("nan"))
+        print(f"| {r['variant']} | {r['batch']} | {r['ctx']} | "
+              f"{'eager' if r['eager'] else 'graphs'} | {r['step_ms_median']:.3f} | "
+              f"{r['step_ms_p90']:.3f} | {r.get('graph_replay_ms', float('nan')):.3f} | {k:.1f} |")
+    for r in rows:
+        if "census" in r:
+            print(r["variant"], r["batch"], json.dumps(r["census"]))
 
 
 if __name__ == "__main__":

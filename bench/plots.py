@@ -1,0 +1,80 @@
+"""PNG plots of bench rows. matplotlib is imported here, lazily, and only when a plot is
+asked for: it is not a tpaserve dependency, and nothing else in bench/ needs it."""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise SystemExit("plotting needs matplotlib (pip install matplotlib); "
+                         "the JSON results were written without it") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _by_label(rows: Sequence[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[r.get("label") or r.get("model") or "run"].append(r)
+    return groups
+
+
+def plot_serving(rows: Sequence[dict], path: str) -> None:
+    """Left: output tokens/s vs concurrency (rows sent all at once, one line per label,
+    baselines included: their batch is their concurrency). Right: median and p99 TTFT and
+    ITL vs request rate (rows with a finite rate). A panel without rows is left out."""
+    by_conc = [r for r in rows if r.get("concurrency") and r.get("request_rate") in ("inf", None)]
+    by_rate = [r for r in rows if isinstance(r.get("request_rate"), (int, float))]
+    panels = [p for p, rs in (("conc", by_conc), ("rate", by_rate)) if rs]
+    if not panels:
+        return
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "conc":
+            for label, rs in _by_label(by_conc).items():
+                rs = sorted(rs, key=lambda r: r["concurrency"])
+                ax.plot([r["concurrency"] for r in rs], [r["output_throughput"] for r in rs],
+                        marker="o", label=label)
+            ax.set(xscale="log", yscale="log",
+                   xlabel="concurrency (requests in flight / batch)",
+                   ylabel="output tokens/s", title="output throughput vs concurrency")
+        else:
+            for label, rs in _by_label(by_rate).items():
+                rs = sorted(rs, key=lambda r: r["request_rate"])
+                x = [r["request_rate"] for r in rs]
+                for key, style in (("ttft", "-"), ("itl", "--")):
+                    for stat, marker in (("median", "o"), ("p99", "^")):
+                        y = [r[f"{stat}_{key}_ms"] for r in rs]
+                        ax.plot(x, y, style, marker=marker,
+                                label=f"{label} {stat} {key.upper()}".strip())
+            ax.set(yscale="log", xlabel="request rate (req/s)", ylabel="ms",
+                   title="TTFT and ITL vs request rate")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_capacity(contexts: Sequence[int], bytes_per_seq: dict[str, Sequence[int]],
+                  path: str, budget: int | None = None) -> None:
+    """Cache bytes per sequence vs context, one line per model (TPA, MHA, GQA-n)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, ys in bytes_per_seq.items():
+        ax.plot(contexts, [y / 2**20 for y in ys], marker="o", label=name)
+    if budget:
+        ax.axhline(budget / 2**20, color="grey", linestyle=":", label="whole budget")
+    ax.set(xscale="log", yscale="log", xlabel="context (tokens)",
+           ylabel="cache MiB per sequence", title="cache per sequence vs context")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
