@@ -61,7 +61,8 @@ class DecodeGraphs:
         meta = StepMetadata(self.slot_mapping[:b], self.query_start_loc[:b + 1],
                             self.seq_lens[:b], self.block_tables[:b], 1, self.max_model_len)
         hidden = self.model(self.input_ids[:b], self.positions[:b],
-                            PagedAttention(self.cache, meta, self.ops, self.workspace))
+                            PagedAttention(self.cache, meta, self.ops, self.workspace),
+                            kernels=self.capture or None)   # fused Triton tails in graphs
         return self.model.compute_logits(hidden)                    # (b, V) fp32
 
     @torch.inference_mode()

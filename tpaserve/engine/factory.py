@@ -33,6 +33,11 @@ def build_engine(model: str | os.PathLike | T6, tokenizer=None, *, dtype: str = 
     else:
         from tpaserve.models.loader import load
         module = load(model, dtype=dtype, device=str(resolve_device(device)))
+    if next(module.parameters()).is_cuda:
+        # one GEMM per layer for the factor projections and one for the MLP's c_fc1/c_fc2
+        # (weights become views of the fused ones; state_dict unchanged; idempotent). Not on
+        # the CPU, where a fused model's shared weights would trip safetensors' save_file.
+        module.fuse_projections()
     if tokenizer is None and not isinstance(model, T6):
         tokenizer = model                     # look for it in the checkpoint directory
     if isinstance(tokenizer, (str, os.PathLike)):

@@ -90,7 +90,8 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
         attn = PagedAttention(self.cache, meta, self.ops, self.workspace)
-        hidden = self.model(input_ids, pos_t, attn)                                   # (T, d)
+        # eager steps: torch ops for the elementwise tails (see T6.forward's `kernels`)
+        hidden = self.model(input_ids, pos_t, attn, kernels=False)                    # (T, d)
         logits = self.model.compute_logits(hidden[sample_rows]) if sample_rows else None  # (S, V)
         plp_logits = [(rid, self.model.compute_logits(hidden[rows]), targets, top)
                       for rid, rows, targets, top in plp]

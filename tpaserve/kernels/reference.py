@@ -86,3 +86,37 @@ def paged_attention_ref(q, ak_cache, bk_cache, av_cache, bv_cache, block_tables,
         w = torch.einsum("nhm,mhu->nhmu", p, av)                      # (n, h, L, R_V)
         out[qs:qe] = (torch.einsum("nhmu,mud->nhd", w, bv) / av.size(-1)).to(q.dtype)
     return out
+
+
+# ---------------------------------------------------------------- decode-step fusions
+# References of kernels/fused.py (the model's elementwise tails, fused on CUDA).
+
+def query_ref(aq: torch.Tensor, bq: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor) -> torch.Tensor:
+    """TPA queries: q = A_Q @ RoPE(B_Q) / R_Q. aq (T, h, R_Q), bq (T, R_Q, d_h) unrotated;
+    cos, sin (T, d_h/2) fp32 -> (T, h, d_h) in aq's dtype. RoPE rounds to the input dtype
+    (rope_ref), the product and the division are fp32."""
+    bq = rope_ref(bq, cos, sin)
+    return (torch.bmm(aq.float(), bq.float()) / aq.size(-1)).to(aq.dtype)
+
+
+def silu_mul_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gate: silu(a) * b = a * sigmoid(a) * b in fp32, one rounding to a's dtype."""
+    af = a.float()
+    return (af * torch.sigmoid(af) * b.float()).to(a.dtype)
+
+
+def rms_norm_eps(dtype: torch.dtype) -> float:
+    """F.rms_norm's default eps: the machine epsilon of the dtype it computes in, i.e.
+    fp32's (1.19e-7) for fp16/bf16 inputs, not bf16's 7.8e-3."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
+def add_rms_norm_ref(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Residual add + parameter-free RMSNorm. x (T, d) is updated in place: x += y (rounded
+    to x's dtype); returns x * rsqrt(mean(x^2) + eps) over d, computed in fp32 (fp64 for
+    fp64 inputs) from the rounded sum, eps = rms_norm_eps(x.dtype)."""
+    x += y
+    xf = x.double() if x.dtype == torch.float64 else x.float()
+    ms = xf.pow(2).mean(-1, keepdim=True)
+    return (xf * torch.rsqrt(ms + rms_norm_eps(x.dtype))).to(x.dtype)

@@ -1,8 +1,13 @@
-"""Building blocks of T6 that carry no attention state: norm, RoPE, SwiGLU.
+"""Building blocks of T6 that carry no attention state: norm, RoPE, SwiGLU, and the
+fused-GEMM view of several Linears that share an input.
 
 Conventions follow ../shared/TPA.md section 2 exactly; the trained weights only
 reproduce with them (parameter-free RMSNorm with torch's default eps, half-split RoPE
 rotating by -theta).
+
+`kernels=True` (the model sets it on CUDA) routes the elementwise tails through the Triton
+kernels of kernels/fused.py; `kernels=False` is plain torch and computes what the model
+always computed.
 """
 from __future__ import annotations
 
@@ -14,8 +19,25 @@ from tpaserve.kernels.reference import rope_ref
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    """Parameter-free RMSNorm over the last dim, eps = torch's default (dtype's eps)."""
+    """Parameter-free RMSNorm over the last dim, eps = torch's default. Note that default is
+    the eps of the dtype torch *computes* in: fp32's for fp16/bf16 inputs, not bf16's."""
     return F.rms_norm(x, (x.size(-1),))
+
+
+def fused_ops():
+    """kernels/fused.py, imported on first use (it needs triton; CPU-only paths never do)."""
+    from tpaserve.kernels import fused
+    return fused
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor,
+                 kernels: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual step: x + y, and rms_norm of it. (T, d), (T, d) -> (new x, normed).
+    With kernels the sum is written into x in place (one pass, one launch)."""
+    if kernels:
+        return x, fused_ops().add_rms_norm_(x, y)
+    x = x + y
+    return x, rms_norm(x)
 
 
 class Rotary(nn.Module):
@@ -42,7 +64,89 @@ class Rotary(nn.Module):
     apply = staticmethod(rope_ref)
 
 
-class SwiGLU(nn.Module):
+class FusedLinear:
+    """Bias-free nn.Linears of one input run as one GEMM.
+
+    The weights are copied once into one (out_total, d_in) tensor, segment i at rows
+    offsets[i] : offsets[i] + sizes[i], and each Linear's weight becomes a Parameter that is
+    a *view* of its segment: memory does not double, state_dict keys and values stay the
+    same, and in-place updates (load_state_dict's copy_) reach the fused weight.
+    Segments start at multiples of ALIGN rows (zero rows between them), so every output
+    slice starts 16-byte aligned in half precision and the GEMM's output row stride is a
+    multiple of 8 elements.
+
+    Anything that replaces a weight instead of writing into it (`weight.data = ...`,
+    load_state_dict(assign=True)) breaks the sharing; `intact()` notices (one data_ptr per
+    segment) and the owner falls back to the separate Linears, which are always right.
+    """
+
+    ALIGN = 8
+
+    def __init__(self, linears: list[nn.Linear]):
+        w0 = linears[0].weight
+        for lin in linears:
+            assert lin.bias is None and lin.in_features == w0.shape[1]
+            assert lin.weight.dtype == w0.dtype and lin.weight.device == w0.device
+        self.linears = linears
+        self.sizes = [lin.out_features for lin in linears]
+        self.offsets, total = [], 0
+        for n in self.sizes:
+            self.offsets.append(total)
+            total += -(-n // self.ALIGN) * self.ALIGN
+        self.weight = torch.zeros(total, w0.shape[1], dtype=w0.dtype, device=w0.device)
+        with torch.no_grad():
+            for lin, off, n in zip(linears, self.offsets, self.sizes):
+                seg = self.weight[off:off + n]                        # (n, d_in) view
+                seg.copy_(lin.weight)
+                lin.weight = nn.Parameter(seg, requires_grad=lin.weight.requires_grad)
+        self._ptrs = tuple(lin.weight.data_ptr() for lin in linears)
+
+    def intact(self) -> bool:
+        return all(lin.weight.data_ptr() == p for lin, p in zip(self.linears, self._ptrs))
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(T, d_in) -> [(T, size_i)] column views of one (T, out_total) GEMM output."""
+        y = F.linear(x, self.weight)
+        return [y[:, off:off + n] for off, n in zip(self.offsets, self.sizes)]
+
+
+class FusibleLinears(nn.Module):
+    """A module whose Linears (listed by `_fusible()`, in output order) may share one
+    GEMM. `fuse()` builds it; `project(x)` returns each Linear's output either way.
+
+    module.to()/.half()/.cuda() give every parameter its own storage again, so `_apply`
+    re-fuses afterwards."""
+
+    _fused: FusedLinear | None = None
+
+    def _fusible(self) -> list[nn.Linear]:
+        raise NotImplementedError
+
+    def fuse(self) -> None:
+        if self._fused is None or not self._fused.intact():
+            self._fused = FusedLinear(self._fusible())
+
+    def is_fused(self) -> bool:
+        return self._fused is not None and self._fused.intact()
+
+    def project(self, x: torch.Tensor) -> list[torch.Tensor]:
+        # Under autograd the separate Linears run: the fused weight is a plain tensor that
+        # would route no gradient to the parameters.
+        if self._fused is not None and not torch.is_grad_enabled() and self._fused.intact():
+            return self._fused(x)
+        return [lin(x) for lin in self._fusible()]
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self._fused is not None and not self._fused.intact():
+            # the old fused weight is still alive here, so no new parameter can reuse its
+            # addresses and look intact by accident
+            self._fused = None
+            self.fuse()
+        return self
+
+
+class SwiGLU(FusibleLinears):
     """out = W3(silu(W1 x) * W2 x); hidden = floor(8/3 d). No biases."""
 
     def __init__(self, d_model: int, hidden: int):
@@ -51,5 +155,10 @@ class SwiGLU(nn.Module):
         self.c_fc2 = nn.Linear(d_model, hidden, bias=False)   # up
         self.c_proj = nn.Linear(hidden, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.silu(self.c_fc1(x)) * self.c_fc2(x))
+    def _fusible(self) -> list[nn.Linear]:
+        return [self.c_fc1, self.c_fc2]
+
+    def forward(self, x: torch.Tensor, kernels: bool = False) -> torch.Tensor:
+        gate, up = self.project(x)                                  # (T, hidden) each
+        hidden = fused_ops().silu_mul(gate, up) if kernels else F.silu(gate) * up
+        return self.c_proj(hidden)

@@ -4,6 +4,13 @@ the authors' state-dict keys, so their checkpoints load without renaming.
 The model works on a flat batch of tokens: forward(input_ids (T,), positions (T,),
 attn) -> hidden (T, d_model). Which sequence a token belongs to, and where its factors
 are cached, is the attention backend's business (models/attention.py).
+
+Decode speed (a step is ~10 launches per layer, not ~30): `fuse_projections()` runs each
+layer's factor projections as one GEMM and the MLP's c_fc1/c_fc2 as another (the Linears'
+weights become views of the fused weight; state_dict unchanged), and on CUDA the
+elementwise tails are Triton kernels (kernels/fused.py): query formation with RoPE,
+silu(a) * b, and residual add + RMSNorm in one pass. The residual stream is carried with
+its norm, so each add is fused with the norm that follows it (the final norm included).
 """
 from __future__ import annotations
 
@@ -12,15 +19,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from tpaserve.config import ModelConfig
+from tpaserve.kernels.reference import query_ref
 from tpaserve.models.attention import AttentionBackend
-from tpaserve.models.layers import Rotary, SwiGLU, rms_norm
+from tpaserve.models.layers import (FusibleLinears, Rotary, SwiGLU, add_rms_norm, fused_ops,
+                                    rms_norm)
 
 GROUPNORM_EPS = 1e-5
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-class FactorProjections(nn.Module):
+class FactorProjections(FusibleLinears):
     """c_qkv: the linear maps from x to the TPA factors. A outputs are viewed (h, R)
-    head-major, B outputs (R, d_h) rank-major."""
+    head-major, B outputs (R, d_h) rank-major. project(x) returns, in this order,
+    [A_Q, B_Q, A_K, B_K, A_V, B_V] (KVonly: [q, A_K, B_K, A_V, B_V]), each (T, out_i)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -34,6 +45,10 @@ class FactorProjections(nn.Module):
         self.W_B_k = nn.Linear(d, cfg.k_rank * dh, bias=False)
         self.W_A_v = nn.Linear(d, h * cfg.v_rank, bias=False)
         self.W_B_v = nn.Linear(d, cfg.v_rank * dh, bias=False)
+
+    def _fusible(self) -> list[nn.Linear]:
+        q = [self.c_q] if hasattr(self, "c_q") else [self.W_A_q, self.W_B_q]
+        return q + [self.W_A_k, self.W_B_k, self.W_A_v, self.W_B_v]
 
 
 class HeadRMSNorm(nn.Module):
@@ -56,21 +71,25 @@ class TPAttention(nn.Module):
         self.subln = HeadRMSNorm(cfg.head_dim) if cfg.using_groupnorm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn: AttentionBackend) -> torch.Tensor:
-        cfg, c, T = self.cfg, self.c_qkv, x.size(0)
+                attn: AttentionBackend, kernels: bool = False) -> torch.Tensor:
+        cfg, T = self.cfg, x.size(0)
         h, dh = cfg.n_head, cfg.head_dim
+        # column views of one GEMM's output once fused: token stride = its width
+        *qp, ak, bk, av, bv = self.c_qkv.project(x)
         if cfg.kv_only:
-            q = Rotary.apply(c.c_q(x).view(T, h, dh), cos, sin)                  # (T, h, d_h)
+            xq = qp[0].view(T, h, dh)
+            q = fused_ops().rope_queries(xq, cos, sin) if kernels else Rotary.apply(xq, cos, sin)
         else:
-            aq = c.W_A_q(x).view(T, h, cfg.q_rank)                               # (T, h, R_Q)
-            bq = Rotary.apply(c.W_B_q(x).view(T, cfg.q_rank, dh), cos, sin)      # (T, R_Q, d_h)
-            # q for this step's tokens only: T*h*d_h numbers, never per cached token.
-            q = (torch.bmm(aq.float(), bq.float()) / cfg.q_rank).to(x.dtype)    # (T, h, d_h)
-        ak = c.W_A_k(x).view(T, h, cfg.k_rank)                                   # (T, h, R_K)
-        bk = c.W_B_k(x).view(T, cfg.k_rank, dh)            # (T, R_K, d_h), rotated by attn
-        av = c.W_A_v(x).view(T, h, cfg.v_rank)                                   # (T, h, R_V)
-        bv = c.W_B_v(x).view(T, cfg.v_rank, dh)                                  # (T, R_V, d_h)
-        y = attn(self.layer, q, ak, bk, av, bv, cos, sin)                                # (T, h, d_h)
+            aq = qp[0].view(T, h, cfg.q_rank)                                    # (T, h, R_Q)
+            bq = qp[1].view(T, cfg.q_rank, dh)                                   # (T, R_Q, d_h)
+            # q = A_Q RoPE(B_Q) / R_Q for this step's tokens only: T*h*d_h numbers, never
+            # per cached token.
+            q = (fused_ops().form_queries if kernels else query_ref)(aq, bq, cos, sin)
+        ak = ak.view(T, h, cfg.k_rank)                                           # (T, h, R_K)
+        bk = bk.view(T, cfg.k_rank, dh)                    # (T, R_K, d_h), rotated by attn
+        av = av.view(T, h, cfg.v_rank)                                           # (T, h, R_V)
+        bv = bv.view(T, cfg.v_rank, dh)                                          # (T, R_V, d_h)
+        y = attn(self.layer, q, ak, bk, av, bv, cos, sin)                        # (T, h, d_h)
         if self.subln is not None:
             y = self.subln(y)
         return self.c_proj(y.reshape(T, h * dh))
@@ -82,9 +101,10 @@ class Block(nn.Module):
         self.attn = TPAttention(cfg, layer)
         self.mlp = SwiGLU(cfg.n_embd, cfg.mlp_hidden)
 
-    def forward(self, x, cos, sin, attn):
-        x = x + self.attn(rms_norm(x), cos, sin, attn)
-        return x + self.mlp(rms_norm(x))
+    def forward(self, x, xn, cos, sin, attn, kernels: bool = False):
+        """x: residual stream (T, d); xn = rms_norm(x). Returns the next (x, rms_norm(x))."""
+        x, xn = add_rms_norm(x, self.attn(xn, cos, sin, attn, kernels), kernels)
+        return add_rms_norm(x, self.mlp(xn, kernels), kernels)
 
 
 class T6(nn.Module):
@@ -100,15 +120,37 @@ class T6(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight            # tied
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
+        # Triton kernels for the elementwise tails: None = on CUDA tensors only (tests set
+        # True to run them under TRITON_INTERPRET on the CPU).
+        self.use_kernels: bool | None = None
+
+    def fuse_projections(self) -> "T6":
+        """One GEMM per layer for the factor projections and one for c_fc1/c_fc2 (see
+        FusedLinear). Call after loading and after any dtype/device move; idempotent.
+        Parameters become views of the fused weights; state_dict is unchanged."""
+        for block in self.transformer.h:
+            block.attn.c_qkv.fuse()
+            block.mlp.fuse()
+        return self
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn: AttentionBackend) -> torch.Tensor:
-        """input_ids, positions: (T,) -> final-normed hidden states (T, d_model)."""
+                attn: AttentionBackend, kernels: bool | None = None) -> torch.Tensor:
+        """input_ids, positions: (T,) -> final-normed hidden states (T, d_model).
+
+        kernels: run the elementwise tails as Triton kernels (None: self.use_kernels, which
+        defaults to "on CUDA"). The engine turns them on inside CUDA graphs only: a replay
+        costs one launch per kernel, while an eager Triton launch costs ~50 us of host time
+        (Triton 3.6), more than the torch ops it replaces (docs/kernel_notes.md)."""
         cos, sin = self.rotary.cos_sin(positions)                     # (T, d_h/2) fp32
-        x = self.transformer.wte(input_ids)
+        x = self.transformer.wte(input_ids)                           # (T, d), fresh tensor
+        if kernels is None:
+            kernels = x.is_cuda if self.use_kernels is None else self.use_kernels
+        # Triton has no autograd; the kernels take fp16/bf16/fp32 (fp64 stays on torch)
+        kernels = kernels and not torch.is_grad_enabled() and x.dtype in KERNEL_DTYPES
+        xn = rms_norm(x)
         for block in self.transformer.h:
-            x = block(x, cos, sin, attn)
-        return rms_norm(x)
+            x, xn = block(x, xn, cos, sin, attn, kernels)
+        return xn                                # the last add's norm is the final norm
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, d_model) -> (N, vocab) fp32. Call only on rows that sample."""
