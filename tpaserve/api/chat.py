@@ -15,12 +15,13 @@ from starlette.responses import Response
 
 from tpaserve.api.engine_client import (EngineClient, final_output, merge_streams,
                                         new_request_id, open_streams, until_disconnect)
-from tpaserve.api.errors import OpenAIRoute, bad_request, sse_error
+from tpaserve.api.errors import OpenAIRoute, bad_request, error_responses, sse_error
 from tpaserve.api.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk,
                                    ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
                                    ChatStreamChoice, ChoiceLogprobs, DeltaMessage, TokenLogprob,
-                                   TopLogprob, UsageInfo)
+                                   TopLogprob, UsageInfo, sse_response)
 from tpaserve.engine.outputs import Logprob
+from tpaserve.sampling_params import SamplingParamsError
 
 router = APIRouter(route_class=OpenAIRoute)
 
@@ -54,7 +55,10 @@ def _check_unsupported(body: ChatCompletionRequest) -> None:
         raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+             responses={200: {"content": sse_response(ChatCompletionChunk),
+                              "description": "JSON, or with stream: true an SSE stream"},
+                        **error_responses(400, 401, 404, 413, 500, 503)})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     client: EngineClient = request.app.state.client
     model = client.check_model(body.model)
@@ -63,7 +67,14 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
                       body.add_special_tokens)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens
-    params = body.sampling_params(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+    try:
+        params = body.sampling_params(max_tokens,
+                                      (body.top_logprobs or 0) if body.logprobs else None)
+    except SamplingParamsError as e:
+        # two chat fields reach SamplingParams under another name: name the one sent
+        sent = {"logprobs": "top_logprobs", "max_tokens": "max_completion_tokens"
+                if body.max_completion_tokens is not None else "max_tokens"}.get(e.param, e.param)
+        raise bad_request(sent + str(e).removeprefix(e.param), sent) from e
     rid = new_request_id("chatcmpl")
     stream = client.generate(rid, ids, params, body.priority)
     if body.stream:
@@ -88,7 +99,7 @@ async def _sse(rid: str, model: str, body: ChatCompletionRequest, client: Engine
                                 usage=usage)
         return f"data: {c.model_dump_json()}\n\n"
 
-    n_completion = 0
+    n_completion, closed = 0, set()        # closed: choices whose finish was sent
     try:
         yield "".join(chunk(ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant",
                                                                          content="")))
@@ -96,11 +107,15 @@ async def _sse(rid: str, model: str, body: ChatCompletionRequest, client: Engine
         async for _, out in outputs:
             events = []          # one write per engine step, however many choices moved
             for c in out.outputs:
+                if c.index in closed:     # still in the output while a sibling runs on
+                    continue
                 n_completion += len(c.token_ids_delta)
                 logprobs = (_logprobs(client.tokenizer, c.token_ids_delta, c.logprobs_delta)
                             if body.logprobs and c.token_ids_delta else None)
                 if not c.text_delta and c.finish_reason is None and logprobs is None:
                     continue
+                if c.finish_reason is not None:
+                    closed.add(c.index)
                 events.append(chunk(ChatStreamChoice(
                     index=c.index, delta=DeltaMessage(content=c.text_delta), logprobs=logprobs,
                     finish_reason=c.finish_reason, stop_reason=c.stop_reason)))

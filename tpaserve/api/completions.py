@@ -19,9 +19,9 @@ from starlette.responses import Response
 
 from tpaserve.api.engine_client import (EngineClient, final_output, gather_all, merge_streams,
                                         new_request_id, open_streams, until_disconnect)
-from tpaserve.api.errors import OpenAIRoute, bad_request, sse_error
+from tpaserve.api.errors import OpenAIRoute, bad_request, error_responses, sse_error
 from tpaserve.api.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
-                                   CompletionResponse, UsageInfo)
+                                   CompletionResponse, UsageInfo, sse_response)
 from tpaserve.engine.outputs import Logprob
 
 router = APIRouter(route_class=OpenAIRoute)
@@ -70,7 +70,10 @@ def _check_unsupported(body: CompletionRequest) -> None:
                           "send the request without stream", "echo")
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", response_model=CompletionResponse,
+             responses={200: {"content": sse_response(CompletionResponse),
+                              "description": "JSON, or with stream: true an SSE stream"},
+                        **error_responses(400, 401, 404, 413, 500, 503)})
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     client: EngineClient = request.app.state.client
     model = client.check_model(body.model)
@@ -151,6 +154,7 @@ class _Renderer:
         self.want_logprobs = body.logprobs is not None
         self.offsets: dict[int, _TextOffsets] = {}  # stream: choice index -> its offsets
         self.echoed: set[int] = set()                # stream: choices whose prompt was sent
+        self.closed: set[int] = set()                # stream: choices whose finish was sent
 
     def _new_offsets(self) -> _TextOffsets:
         return _TextOffsets(self.tok, self.body.skip_special_tokens is not False)
@@ -170,6 +174,10 @@ class _Renderer:
 
     def delta_choice(self, prompt_index: int, c) -> CompletionChoice | None:
         index = prompt_index * self.n + c.index
+        if index in self.closed:
+            # each output carries all n sequences: a finished one still shows its
+            # finish_reason while a sibling runs on (it was sent twice)
+            return None
         text = c.text_delta
         if self.body.echo and index not in self.echoed:
             self.echoed.add(index)
@@ -180,6 +188,8 @@ class _Renderer:
             logprobs = self._logprobs(c.token_ids_delta, c.logprobs_delta, offsets)
         if not text and c.finish_reason is None and not (logprobs and logprobs.tokens):
             return None
+        if c.finish_reason is not None:
+            self.closed.add(index)
         return CompletionChoice(index=index, text=text, logprobs=logprobs,
                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason)
 

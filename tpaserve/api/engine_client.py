@@ -1,12 +1,16 @@
 """What the endpoints share: the served model, and running requests on the AsyncEngine with
 the client's connection watched.
 
-Every request goes through `EngineClient.generate`, which records metrics, turns an engine
-failure (`out.error`) into a 500 APIError, and, by closing the engine's stream, aborts the
-request whenever its consumer stops early. The consumer stops early when the client goes
-away: for streams, Starlette cancels the SSE body iterator on disconnect; before a response
-has started (non-streaming requests, and the wait for a stream's first output),
+Every request goes through `EngineClient.generate`, which turns an engine failure
+(`out.error`) into a 500 APIError and, by closing the engine's stream, aborts the request
+whenever its consumer stops early. The consumer stops early when the client goes away: for
+streams, Starlette cancels the SSE body iterator on disconnect; before a response has
+started (non-streaming requests, and the wait for a stream's first output),
 `until_disconnect` races the work against the connection's `http.disconnect`.
+
+No metric is recorded here: the engine's step loop observes tokens, latencies and aborts
+where they happen (engine/async_engine.py); `metrics` is kept for /metrics to refresh the
+gauges at scrape time.
 """
 from __future__ import annotations
 
@@ -19,14 +23,11 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from tpaserve.api.errors import APIError, ClientGone, bad_request
-from tpaserve.engine.async_engine import AsyncEngine, EngineDead
+from tpaserve.engine.async_engine import AsyncEngine
 from tpaserve.engine.llm_engine import LLMEngine
 from tpaserve.engine.metrics import EngineMetrics
 from tpaserve.engine.outputs import RequestOutput
-from tpaserve.engine.scheduler import QueueFull, RequestRejected
-from tpaserve.sampling_params import SamplingParams, SamplingParamsError
-
-_ADMISSION_ERRORS = (RequestRejected, QueueFull, SamplingParamsError, EngineDead)
+from tpaserve.sampling_params import SamplingParams
 
 
 @dataclass
@@ -63,29 +64,20 @@ class EngineClient:
         vocab = self.engine.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param)
+            raise bad_request(f"{param}: token id {bad[0]} is outside the vocabulary "
+                              f"[0, {vocab})", param)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
         """The engine's stream for one prompt. Admission errors raise at the first
         __anext__; closing this iterator early aborts the request."""
         self.check_ready()
-        first, finished, rejected = True, False, False
-        try:
-            async with aclosing(self.async_engine.generate(request_id, prompt_ids, params,
-                                                           priority)) as stream:
-                async for out in stream:
-                    self.metrics.observe(out, first)
-                    first, finished = False, out.finished
-                    if out.error is not None:
-                        raise APIError(500, out.error, code="engine_error")
-                    yield out
-        except _ADMISSION_ERRORS:
-            rejected = first
-            raise
-        finally:
-            if not finished and not rejected:
-                self.metrics.observe_abort(params.n)
+        async with aclosing(self.async_engine.generate(request_id, prompt_ids, params,
+                                                       priority)) as stream:
+            async for out in stream:
+                if out.error is not None:
+                    raise APIError(500, out.error, code="engine_error")
+                yield out
 
 
 def new_request_id(prefix: str) -> str:

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from tpaserve.api.protocol import ErrorResponse
 from tpaserve.engine.async_engine import EngineDead
 from tpaserve.engine.llm_engine import EngineDeadError
 from tpaserve.engine.scheduler import QueueFull, RequestRejected
@@ -44,6 +45,32 @@ ERROR_TYPES = {
     503: "service_unavailable_error",
 }
 QUEUE_FULL_RETRY_AFTER_S = 1
+
+# What each status means on this server, for the OpenAPI document.
+_STATUS_DOC = {
+    400: "Invalid request: bad JSON, a wrong type, a value out of range, or a request that "
+         "can never fit the context or the cache. `param` names the field.",
+    401: "Missing or wrong API key (only when the server was started with --api-key).",
+    404: "Unknown model.",
+    413: "Request body larger than --max-request-body-bytes.",
+    500: "The engine step that was serving this request failed (other requests go on).",
+    503: "Queue full (code queue_full, with Retry-After), or the engine is not running "
+         "(engine_not_ready, engine_dead).",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for a route: the OpenAI error body under each status, and under
+    4XX for the rest (405...). Declaring 4XX also keeps FastAPI from documenting a 422,
+    which this server never sends (validation errors are 400s)."""
+    out: dict[int | str, dict[str, Any]] = {
+        s: {"model": ErrorResponse, "description": _STATUS_DOC[s]} for s in statuses}
+    if 503 in out:
+        out[503]["headers"] = {"Retry-After": {
+            "description": "seconds to wait before retrying (queue_full only)",
+            "schema": {"type": "integer"}}}
+    out["4XX"] = {"model": ErrorResponse, "description": "Any other client error."}
+    return out
 
 
 class APIError(Exception):
@@ -125,10 +152,17 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     return bad_request(f"{param}: {msg}", param)
 
 
+# pydantic puts the union member it tried into the location: ("stop", "list[str]"),
+# ("messages", 0, "content", "str"). Not part of the field's name.
+_UNION_MEMBERS = frozenset({"str", "int", "float", "bool", "none"})
+
+
 def _loc_to_param(loc: list) -> str:
     """("messages", 0, "content") -> "messages[0].content"."""
     out = ""
     for p in loc:
+        if isinstance(p, str) and out and (p in _UNION_MEMBERS or "[" in p):
+            continue
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out
 

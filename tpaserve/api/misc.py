@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 import tpaserve
 from tpaserve.api.engine_client import EngineClient
-from tpaserve.api.errors import OpenAIRoute
+from tpaserve.api.errors import OpenAIRoute, error_responses
 from tpaserve.api.protocol import ModelCard, ModelList
 
 router = APIRouter(route_class=OpenAIRoute)
@@ -21,19 +21,22 @@ def _card(client: EngineClient, name: str) -> ModelCard:
     return ModelCard(id=name, root=client.model_root, max_model_len=client.engine.max_model_len)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(401))
 async def list_models(request: Request) -> Response:
     client: EngineClient = request.app.state.client
     return _json(ModelList(data=[_card(client, n) for n in client.model_names]))
 
 
-@router.get("/v1/models/{model:path}")
+@router.get("/v1/models/{model:path}", response_model=ModelCard,
+            responses=error_responses(401, 404))
 async def get_model(model: str, request: Request) -> Response:
     client: EngineClient = request.app.state.client
     return _json(_card(client, client.check_model(model)))
 
 
-@router.get("/health")
+@router.get("/health", response_class=Response,
+            responses={200: {"description": "The engine runs (empty body)."},
+                       **error_responses(503)})
 async def health(request: Request) -> Response:
     """200 with an empty body while the engine runs; 503 before it started and after it
     died (load balancers and k8s probes read the status only)."""
@@ -41,12 +44,14 @@ async def health(request: Request) -> Response:
     return Response(status_code=200)
 
 
-@router.get("/version")
+@router.get("/version", responses={200: {"content": {"application/json": {"schema": {
+    "type": "object", "required": ["version"],
+    "properties": {"version": {"type": "string"}}}}}}})
 async def version() -> Response:
     return JSONResponse({"version": tpaserve.__version__})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     request.app.state.client.metrics.refresh()
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -3,40 +3,83 @@
 Requests check shapes and types only; the values of the generation knobs are checked once,
 by SamplingParams (its errors name the OpenAI field). Unknown request fields are ignored,
 as OpenAI and vLLM do, so newer clients keep working.
+
+Requests are validated strictly: pydantic's lax mode would take `true` for n = 1, "3" for
+max_tokens = 3 and 2.0 for an integer, so a client's type error would run as some other
+request. The value ranges SamplingParams enforces are also written into the OpenAPI schema
+(`_doc`, documentation only); the fuzz tests check that the two agree.
 """
 from __future__ import annotations
 
 import time
 from typing import Any, Literal
 
-from pydantic import (BaseModel, Field, SerializerFunctionWrapHandler, field_validator,
-                      model_serializer)
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler,
+                      field_validator, model_serializer)
 
-from tpaserve.sampling_params import SamplingParams
+from tpaserve.models.chat_template import ALLOWED_ROLES
+from tpaserve.sampling_params import (MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_N, MAX_PENALTY,
+                                      SEED_RANGE, SamplingParams)
 
 # ---------------------------------------------------------------------------------- requests
 
 
-class StreamOptions(BaseModel):
+def _doc(default: Any = None, **schema: Any) -> Any:
+    """A field whose JSON schema states `schema` (e.g. minimum) without pydantic enforcing
+    it: SamplingParams checks the value, once, with a message that names the field."""
+    return Field(default, json_schema_extra=schema)
+
+
+def _has_lone_surrogate(v: Any) -> bool:
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(v, list):
+        return any(_has_lone_surrogate(x) for x in v)
+    if isinstance(v, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(x) for k, x in v.items())
+    return False
+
+
+class _Request(BaseModel):
+    """Base of every request body: strict types (see above), and text that is Unicode."""
+    model_config = ConfigDict(strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _valid_unicode(cls, v: Any) -> Any:
+        # JSON may escape half a surrogate pair ("\ud800"); Python keeps it in the str, and
+        # the tokenizers cannot encode it (sentencepiece raised: a 500).
+        if _has_lone_surrogate(v):
+            raise ValueError("contains a lone UTF-16 surrogate (\\ud800-\\udfff), which is "
+                             "not valid Unicode text")
+        return v
+
+
+class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class SamplingRequest(BaseModel):
+class SamplingRequest(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions. None means the default."""
     model: str | None = None
-    n: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    seed: int | None = None
+    n: int | None = _doc(minimum=1, maximum=MAX_N)
+    temperature: float | None = _doc(minimum=0)
+    top_p: float | None = _doc(exclusiveMinimum=0, maximum=1)
+    top_k: int | None = _doc(minimum=-1)
+    min_p: float | None = _doc(minimum=0, maximum=1)
+    seed: int | None = _doc(minimum=SEED_RANGE[0], maximum=SEED_RANGE[1])
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = _doc(items={"type": "integer", "minimum": 0})
+    presence_penalty: float | None = _doc(minimum=-MAX_PENALTY, maximum=MAX_PENALTY)
+    frequency_penalty: float | None = _doc(minimum=-MAX_PENALTY, maximum=MAX_PENALTY)
+    repetition_penalty: float | None = _doc(exclusiveMinimum=0)
+    logit_bias: dict[str, float] | None = _doc(additionalProperties={
+        "type": "number", "minimum": -MAX_LOGIT_BIAS, "maximum": MAX_LOGIT_BIAS})
+    min_tokens: int | None = _doc(minimum=0)
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
@@ -60,12 +103,21 @@ class SamplingRequest(BaseModel):
 PromptInput = str | list[str] | list[int] | list[list[int]]
 
 
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+
+
 class CompletionRequest(SamplingRequest):
     prompt: Any = Field(description="a string, a list of strings, a list of token ids or a "
-                                    "list of token-id lists")
-    max_tokens: int | None = 16
+                                    "list of token-id lists; none of them empty",
+                        json_schema_extra={"anyOf": [
+                            {"type": "string", "minLength": 1},
+                            {"type": "array", "minItems": 1,
+                             "items": {"type": "string", "minLength": 1}},
+                            _TOKEN_IDS,
+                            {"type": "array", "minItems": 1, "items": _TOKEN_IDS}]})
+    max_tokens: int | None = _doc(16, minimum=0)
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: int | None = _doc(minimum=0, maximum=MAX_LOGPROBS)
     suffix: str | None = None
     best_of: int | None = None
     add_special_tokens: bool = True
@@ -74,30 +126,33 @@ class CompletionRequest(SamplingRequest):
     @classmethod
     def _prompt_shape(cls, v: Any) -> PromptInput:
         # Checked by hand: a union of four list types gives pydantic errors no one can read.
+        # Empty text is refused like empty ids, though the tokenizer would add a BOS to it:
+        # a request with nothing to continue is a client bug, not a prompt.
         def ids(x: Any) -> bool:
             return isinstance(x, list) and bool(x) and all(
                 isinstance(t, int) and not isinstance(t, bool) for t in x)
-        if isinstance(v, str):
+        if isinstance(v, str) and v:
             return v
         if isinstance(v, list) and v:
-            if all(isinstance(p, str) for p in v) or ids(v) or all(ids(p) for p in v):
+            if all(isinstance(p, str) and p for p in v) or ids(v) or all(ids(p) for p in v):
                 return v
-        raise ValueError("must be a string, a non-empty list of strings, a non-empty list of "
-                         "token ids, or a non-empty list of non-empty token-id lists")
+        raise ValueError("must be a non-empty string, a non-empty list of non-empty strings, "
+                         "a non-empty list of token ids, or a non-empty list of non-empty "
+                         "token-id lists")
 
 
-class ChatMessage(BaseModel):
-    role: str
+class ChatMessage(_Request):
+    role: str = Field(json_schema_extra={"enum": sorted(ALLOWED_ROLES)})  # the template checks
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = _doc(minimum=0)
+    max_completion_tokens: int | None = _doc(minimum=0)
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = _doc(minimum=0, maximum=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     add_special_tokens: bool | None = None       # None: add BOS unless the template did
     tools: list[Any] | None = None
@@ -105,19 +160,19 @@ class ChatCompletionRequest(SamplingRequest):
     response_format: dict[str, Any] | None = None
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_Request):
     """vLLM's /tokenize: either `prompt` (text) or `messages` (rendered by the chat template)."""
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool | None = None       # prompt: default True; messages: see chat
     add_generation_prompt: bool = True
     return_token_strs: bool = False
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Request):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[int] = Field(json_schema_extra={"items": {"type": "integer", "minimum": 0}})
 
 
 # --------------------------------------------------------------------------------- responses
@@ -246,3 +301,51 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+# ------------------------------------------------------------------------ errors and streams
+
+
+class ErrorInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")     # the schema says: exactly these keys
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, the body of every non-2xx response (rendered by errors.py)."""
+    model_config = ConfigDict(extra="forbid")
+    error: ErrorInfo
+
+
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with every `$ref` replaced by its definition (these models are
+    not recursive), so it can sit inside an OpenAPI document whose components lack them."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return walk(defs[node["$ref"].rsplit("/", 1)[1]])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+    return walk(schema)
+
+
+def sse_response(chunk: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI `content` entry of a `stream: true` response: one event per engine step whose
+    data is a `chunk` (JSON), or an error body once the stream had started, and last the
+    literal `[DONE]`. OpenAPI 3.2's itemSchema describes one event."""
+    data = {"anyOf": [
+        {"type": "string", "contentMediaType": "application/json",
+         "contentSchema": {"anyOf": [_inline_refs(chunk.model_json_schema()),
+                                     _inline_refs(ErrorResponse.model_json_schema())]}},
+        {"type": "string", "const": "[DONE]"}]}
+    return {"text/event-stream": {"itemSchema": {
+        "type": "object", "required": ["data"],
+        "properties": {"data": data, "event": {"type": "string"}, "id": {"type": "string"},
+                       "retry": {"type": "integer", "minimum": 0}}}}}

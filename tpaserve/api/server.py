@@ -1,7 +1,8 @@
 """The FastAPI app: `build_app(engine, ...)`.
 
-Request path, outside in: API-key check (everything but /health, /metrics, /version) ->
-body-size limit -> FastAPI routing -> endpoint (OpenAIRoute renders every error). The
+Request path, outside in: HTTP metrics (every response, by route template and status) ->
+API-key check (everything but /health, /metrics, /version) -> body-size limit -> FastAPI
+routing -> endpoint (OpenAIRoute renders every error). The
 AsyncEngine starts in the lifespan (it needs the running event loop) and stops after
 uvicorn has drained the in-flight requests.
 """
@@ -13,7 +14,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import tpaserve
 from tpaserve.api import chat, completions, misc, tokenize
@@ -21,7 +23,7 @@ from tpaserve.api.engine_client import EngineClient
 from tpaserve.api.errors import APIError, install
 from tpaserve.engine.async_engine import AsyncEngine
 from tpaserve.engine.llm_engine import LLMEngine
-from tpaserve.engine.metrics import EngineMetrics
+from tpaserve.engine.metrics import HTTP_REQUESTS, EngineMetrics
 
 logger = logging.getLogger("tpaserve.api")
 
@@ -39,10 +41,10 @@ def build_app(engine: LLMEngine, model_names: list[str] | str = "t6", *,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        async_engine = AsyncEngine(engine)
+        metrics = EngineMetrics(engine, names[0])
+        async_engine = AsyncEngine(engine, metrics)
         async_engine.start()
-        app.state.client = EngineClient(engine, async_engine, names, model_root,
-                                        EngineMetrics(engine, names[0]))
+        app.state.client = EngineClient(engine, async_engine, names, model_root, metrics)
         try:
             yield
         finally:
@@ -50,15 +52,55 @@ def build_app(engine: LLMEngine, model_names: list[str] | str = "t6", *,
             logger.info("engine stopped")
 
     app = FastAPI(title="tpaserve", version=tpaserve.__version__, lifespan=lifespan)
-    for module in (completions, chat, misc, tokenize):
-        app.include_router(module.router)
+    routers = [completions.router, chat.router, misc.router, tokenize.router]
+    for router in routers:
+        app.include_router(router)
     install(app)
     # add_middleware puts each one outside the previous: the key is checked first, so an
     # unauthenticated client cannot make the server buffer a body
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_body_bytes)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    # outermost: 401s and 413s are counted too
+    app.add_middleware(HTTPMetricsMiddleware, model_name=names[0],
+                       routes=[route for router in routers for route in router.routes])
     return app
+
+
+class HTTPMetricsMiddleware:
+    """Counts every response in tpaserve:http_requests_total by method, route template
+    and status. The template, not the raw path, keeps the series bounded: a scan of random
+    paths is one 'unmatched' series. The endpoints' routes are matched here, not read from
+    the scope after routing, because the 401 and 413 middlewares answer before routing.
+    Counted when the response starts, before the client can see it; a request whose client
+    left before any response is not counted here (the engine counts it as an abort)."""
+
+    def __init__(self, app: ASGIApp, routes: list[BaseRoute], model_name: str):
+        self.app, self.routes, self.model_name = app, routes, model_name
+
+    def _route(self, scope: Scope) -> str:
+        partial = None
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return route.path
+            if match is Match.PARTIAL and partial is None:     # wrong method: a 405
+                partial = route.path
+        return partial or "unmatched"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = self._route(scope)
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                HTTP_REQUESTS.labels(model_name=self.model_name, method=scope["method"],
+                                     route=route, status=str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
 
 
 class APIKeyMiddleware:

@@ -8,7 +8,7 @@ from starlette.responses import Response
 
 from tpaserve.api.chat import encode_chat
 from tpaserve.api.engine_client import EngineClient
-from tpaserve.api.errors import OpenAIRoute, bad_request
+from tpaserve.api.errors import OpenAIRoute, bad_request, error_responses
 from tpaserve.api.protocol import (DetokenizeRequest, DetokenizeResponse, TokenizeRequest,
                                    TokenizeResponse)
 
@@ -19,7 +19,8 @@ def _json(model) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", response_model=TokenizeResponse,
+             responses=error_responses(400, 401, 404, 413))
 async def tokenize(body: TokenizeRequest, request: Request) -> Response:
     client: EngineClient = request.app.state.client
     client.check_model(body.model)
@@ -35,7 +36,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Response:
         token_strs=tok.convert_ids_to_tokens(ids) if body.return_token_strs else None))
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", response_model=DetokenizeResponse,
+             responses=error_responses(400, 401, 404, 413))
 async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
     client: EngineClient = request.app.state.client
     client.check_model(body.model)
@@ -44,7 +46,9 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
     return _json(DetokenizeResponse(prompt=tok.decode(body.tokens)))
 
 
-@router.get("/tokenizer_info")
+@router.get("/tokenizer_info", responses={
+    200: {"content": {"application/json": {"schema": {"type": "object"}}}},
+    **error_responses(400, 401)})
 async def tokenizer_info(request: Request) -> Response:
     client: EngineClient = request.app.state.client
     tok = client.tokenizer

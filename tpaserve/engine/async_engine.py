@@ -6,6 +6,11 @@ queue (add, abort) and gets outputs back through loop.call_soon_threadsafe, so n
 side blocks the other. A consumer that stops iterating (client disconnect, cancellation)
 aborts its request; the abort is applied before the next step, so its blocks are free
 within one step.
+
+Metrics are observed here, in the step thread: after every pass of the loop the engine's
+stats (step times, token times, finished requests; see llm_engine.EngineStats) go to
+EngineMetrics before that pass's outputs are handed to the event loop, so a client that has
+its response sees it counted. A request's arrival is taken when `generate` is called.
 """
 from __future__ import annotations
 
@@ -13,9 +18,11 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 
 from tpaserve.engine.llm_engine import EngineDeadError, LLMEngine
+from tpaserve.engine.metrics import EngineMetrics
 from tpaserve.engine.outputs import RequestOutput
 from tpaserve.engine.scheduler import RequestRejected
 from tpaserve.sampling_params import SamplingParams
@@ -28,8 +35,9 @@ class EngineDead(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
+    def __init__(self, engine: LLMEngine, metrics: EngineMetrics | None = None):
+        self.engine, self.metrics = engine, metrics
+        engine.collect_stats = metrics is not None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -68,7 +76,8 @@ class AsyncEngine:
         stream: asyncio.Queue = asyncio.Queue()
         admitted = self._loop.create_future()
         self._streams[request_id] = stream
-        self._commands.put(("add", request_id, prompt_token_ids, params, priority, admitted))
+        self._commands.put(("add", request_id, prompt_token_ids, params, priority, admitted,
+                            time.monotonic()))
         if self.dead is not None:
             # the loop died after the check above and may have drained the queue already:
             # nobody would ever answer this command
@@ -108,9 +117,10 @@ class AsyncEngine:
         try:
             while not self._stop.is_set():
                 self._drain(block=not eng.has_unfinished_requests())
-                if not eng.has_unfinished_requests():
-                    continue
-                for out in eng.step():
+                outs = eng.step() if eng.has_unfinished_requests() else []
+                if self.metrics is not None:
+                    self.metrics.observe(eng.take_stats())
+                for out in outs:
                     self._emit(out.request_id, out)
         except BaseException as exc:             # noqa: BLE001 - the loop must report it
             logger.exception("engine loop died")
@@ -133,9 +143,9 @@ class AsyncEngine:
 
     def _apply(self, cmd: tuple) -> None:
         if cmd[0] == "add":
-            _, rid, ids, params, priority, fut = cmd
+            _, rid, ids, params, priority, fut, arrival = cmd
             try:
-                self.engine.add_request(rid, ids, params, priority)
+                self.engine.add_request(rid, ids, params, priority, arrival)
             except Exception as exc:             # noqa: BLE001 - handed to the caller
                 self._loop.call_soon_threadsafe(_set_exception, fut, exc)
             else:

@@ -259,8 +259,9 @@ class LLMEngine:
         for s in sched.requests:
             group = self.seq_to_group.get(s.request_id)
             if group is not None and group.first_scheduled_time is None:
-                group.first_scheduled_time = self.scheduler.requests[s.request_id].first_scheduled_time
-                st.queue_times.append(group.first_scheduled_time - group.arrival_time)
+                t = self.scheduler.requests[s.request_id].first_scheduled_time
+                group.first_scheduled_time = t
+                st.queue_times.append(t - group.arrival_time)
         if not sched.requests:
             if sched.finished_ids:
                 self.runner.execute(sched)           # lets the runner drop finished state

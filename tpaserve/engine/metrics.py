@@ -1,45 +1,101 @@
 """Every Prometheus metric tpaserve exports, defined once, here.
 
-Metric names are an interface: the Grafana dashboards under deploy/ may only query names
-defined in this module. Names follow vLLM's (`vllm:` -> `tpaserve:`), and every metric has
-the label `model_name`. Counters are declared with their exposed `_total` name
-(prometheus-client would add the suffix anyway), so a grep finds what Prometheus shows.
+Metric names are an interface: the Grafana dashboards and alert rules under deploy/ may only
+query names defined in this module (tests/deploy checks it against a live /metrics). Names
+follow vLLM's (`vllm:` -> `tpaserve:`) and every metric has the label `model_name`.
+Counters are declared with their exposed `_total` name (prometheus-client would add the
+suffix anyway), so a grep finds what Prometheus shows. Only counters end in `_total`, as
+Prometheus' naming rules ask - with one exception kept for vLLM compatibility:
+the histogram `iteration_tokens_total`.
 
-Two kinds of updates, both reading the engine, never request bodies:
-  * `EngineMetrics.observe(out)` for every RequestOutput the engine emits (token counts,
-    finished requests) and `observe_abort` for a request dropped before it finished;
-  * `EngineMetrics.refresh()` copies the engine's gauges (queue lengths, cache usage) and
-    its own counters (preemptions, prefix-cache lookups) at scrape time.
-`refresh` only reads ints and list lengths the step thread writes, so it needs no lock.
+Where each value is measured:
+  * `EngineMetrics.observe(stats)` runs in the engine's step thread after every pass of its
+    loop, with what the engine timed as it happened (llm_engine.EngineStats): step times,
+    tokens and batch sizes, each request's queue time, first token, every later token and
+    its end. Nothing here reads a clock; a latency is the engine's, not the HTTP layer's.
+  * `EngineMetrics.refresh()` copies the engine's state into the gauges (queue lengths,
+    cache blocks and bytes) at scrape time. It reads ints and list lengths the step thread
+    writes, so it needs no lock; a scrape during a step sees the state before or after it.
+  * `HTTP_REQUESTS` is counted by the server's middleware (api/server.py).
+
+Memory numbers come from FactorCacheSpec only (bytes per token and per block), for the
+factor cache and for the MHA model of the same size it is compared with.
 """
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, disable_created_metrics
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 # No `*_created` series: they double the exposition and no dashboard reads them (vLLM too).
 disable_created_metrics()
 
 LABELS = ["model_name"]
+FINISH_REASONS = ("stop", "length", "abort", "error")
 
+
+def _buckets_1_2_5(limit: float) -> list[float]:
+    """1, 2, 5, 10, 20, 50, ... up to `limit` (token counts of any model)."""
+    out, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > limit:
+                return out
+            out.append(float(m * scale))
+        scale *= 10
+
+
+TOKEN_BUCKETS = _buckets_1_2_5(1_000_000)
+POW2_BUCKETS = [float(2**i) for i in range(16)]                     # 1 .. 32768
+TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5,
+                2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
+ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
+               0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0]
+REQUEST_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0,
+                   60.0, 120.0, 240.0, 480.0, 960.0]
+STEP_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2,
+                0.3, 0.5, 0.75, 1.0, 2.5, 5.0]
+
+# ---- scheduler state (gauges, at scrape time) ------------------------------------------------
 NUM_REQUESTS_RUNNING = Gauge(
     "tpaserve:num_requests_running", "Sequences in the running batch (a request with n > 1 "
     "counts n).", LABELS)
 NUM_REQUESTS_WAITING = Gauge(
     "tpaserve:num_requests_waiting", "Sequences waiting to run (preempted ones included).",
     LABELS)
+
+# ---- the factor cache (gauges) -----------------------------------------------------------
 FACTOR_CACHE_USAGE = Gauge(
     "tpaserve:factor_cache_usage_perc", "Fraction of factor-cache blocks in use (0 to 1).",
     LABELS)
-FACTOR_CACHE_USED_BLOCKS = Gauge(
-    "tpaserve:factor_cache_used_blocks", "Factor-cache blocks referenced by a request.", LABELS)
 FACTOR_CACHE_NUM_BLOCKS = Gauge(
     "tpaserve:factor_cache_num_blocks", "Factor-cache blocks in total.", LABELS)
+FACTOR_CACHE_USED_BLOCKS = Gauge(
+    "tpaserve:factor_cache_used_blocks", "Factor-cache blocks referenced by a request.", LABELS)
+FACTOR_CACHE_CAPACITY_BYTES = Gauge(
+    "tpaserve:factor_cache_capacity_bytes", "Bytes of the factor cache (all blocks).", LABELS)
+FACTOR_CACHE_USED_BYTES = Gauge(
+    "tpaserve:factor_cache_used_bytes", "Bytes of the factor-cache blocks in use.", LABELS)
+FACTOR_CACHE_BYTES_PER_TOKEN = Gauge(
+    "tpaserve:factor_cache_bytes_per_token", "Factor-cache bytes per token: layers * "
+    "(R_K + R_V)(h + d_h) * itemsize.", LABELS)
+MHA_EQUIVALENT_BYTES_PER_TOKEN = Gauge(
+    "tpaserve:mha_equivalent_bytes_per_token", "KV-cache bytes per token of a multi-head "
+    "attention model of the same size (d_model / d_h heads): layers * 2 h d_h * itemsize.",
+    LABELS)
+MHA_EQUIVALENT_CACHE_USED_BYTES = Gauge(
+    "tpaserve:mha_equivalent_cache_used_bytes", "Bytes that same-size MHA model would need "
+    "for the token slots of the blocks in use (used_blocks * block_size * its bytes/token).",
+    LABELS)
+CACHE_CONFIG_INFO = Gauge(
+    "tpaserve:cache_config_info", "The factor cache's configuration, in labels (value 1).",
+    LABELS + ["block_size", "num_blocks", "dtype", "num_layers", "num_heads", "head_dim",
+              "k_rank", "v_rank", "mha_equivalent_heads", "enable_prefix_caching"])
 
+# ---- tokens and requests (counters, from the step thread) --------------------------------
 PROMPT_TOKENS = Counter(
-    "tpaserve:prompt_tokens_total", "Prompt tokens of requests that started generating "
-    "(prefix-cache hits included).", LABELS)
+    "tpaserve:prompt_tokens_total", "Prompt tokens of requests that returned a first output "
+    "(prefix-cache hits included; once per request, not per sequence).", LABELS)
 GENERATION_TOKENS = Counter(
-    "tpaserve:generation_tokens_total", "Tokens generated.", LABELS)
+    "tpaserve:generation_tokens_total", "Tokens generated (all sequences).", LABELS)
 REQUEST_SUCCESS = Counter(
     "tpaserve:request_success_total", "Finished sequences by finish reason (stop, length, "
     "abort, error).", LABELS + ["finished_reason"])
@@ -52,7 +108,41 @@ PREFIX_CACHE_QUERIES = Counter(
 PREFIX_CACHE_HITS = Counter(
     "tpaserve:prefix_cache_hits_total", "Prompt tokens found in the prefix cache.", LABELS)
 
-FINISH_REASONS = ("stop", "length", "abort", "error")
+# ---- latencies and sizes (histograms, from the step thread) ------------------------------
+TIME_TO_FIRST_TOKEN = Histogram(
+    "tpaserve:time_to_first_token_seconds", "Arrival to the first generated token of a "
+    "request.", LABELS, buckets=TTFT_BUCKETS)
+INTER_TOKEN_LATENCY = Histogram(
+    "tpaserve:inter_token_latency_seconds", "Time between two consecutive tokens of one "
+    "sequence.", LABELS, buckets=ITL_BUCKETS)
+E2E_REQUEST_LATENCY = Histogram(
+    "tpaserve:e2e_request_latency_seconds", "Arrival to the last token of a request that "
+    "finished (stop, length or error; aborted requests are not observed).", LABELS,
+    buckets=REQUEST_BUCKETS)
+REQUEST_QUEUE_TIME = Histogram(
+    "tpaserve:request_queue_time_seconds", "Arrival to the first time the scheduler ran a "
+    "request.", LABELS, buckets=REQUEST_BUCKETS)
+REQUEST_PROMPT_TOKENS = Histogram(
+    "tpaserve:request_prompt_tokens", "Prompt tokens per finished request.", LABELS,
+    buckets=TOKEN_BUCKETS)
+REQUEST_GENERATION_TOKENS = Histogram(
+    "tpaserve:request_generation_tokens", "Generated tokens per finished request (all n "
+    "sequences).", LABELS, buckets=TOKEN_BUCKETS)
+ITERATION_TOKENS = Histogram(
+    "tpaserve:iteration_tokens_total", "Tokens computed per engine step (prompt chunks and "
+    "decodes).", LABELS, buckets=POW2_BUCKETS)
+ENGINE_STEP_DURATION = Histogram(
+    "tpaserve:engine_step_duration_seconds", "Wall time of one engine step: schedule, "
+    "execute (device work included), update.", LABELS, buckets=STEP_BUCKETS)
+ENGINE_STEP_BATCH_SIZE = Histogram(
+    "tpaserve:engine_step_batch_size", "Sequences computed in one engine step.", LABELS,
+    buckets=POW2_BUCKETS)
+
+# ---- HTTP (counted by api/server.py's middleware) ----------------------------------------
+HTTP_REQUESTS = Counter(
+    "tpaserve:http_requests_total", "HTTP responses by method, route template (e.g. "
+    "/v1/models/{model:path}; 'unmatched' for paths no route serves) and status code.",
+    LABELS + ["method", "route", "status"])
 
 
 class EngineMetrics:
@@ -60,13 +150,14 @@ class EngineMetrics:
 
     def __init__(self, engine, model_name: str):
         self.engine, self.model_name = engine, model_name
-        self._last = dict(preemptions=0, prefix_queries=0, prefix_hits=0)
+        self._last_prefix = (engine.blocks.prefix_queries, engine.blocks.prefix_hits)
         label = dict(model_name=model_name)
         self._running = NUM_REQUESTS_RUNNING.labels(**label)
         self._waiting = NUM_REQUESTS_WAITING.labels(**label)
         self._usage = FACTOR_CACHE_USAGE.labels(**label)
         self._used = FACTOR_CACHE_USED_BLOCKS.labels(**label)
-        self._total = FACTOR_CACHE_NUM_BLOCKS.labels(**label)
+        self._used_bytes = FACTOR_CACHE_USED_BYTES.labels(**label)
+        self._mha_used_bytes = MHA_EQUIVALENT_CACHE_USED_BYTES.labels(**label)
         self._prompt = PROMPT_TOKENS.labels(**label)
         self._generation = GENERATION_TOKENS.labels(**label)
         self._preemptions = NUM_PREEMPTIONS.labels(**label)
@@ -75,33 +166,71 @@ class EngineMetrics:
         # every finish reason shows from the start (as 0), so rate() works on the first one
         self._success = {r: REQUEST_SUCCESS.labels(model_name=model_name, finished_reason=r)
                          for r in FINISH_REASONS}
+        self._ttft = TIME_TO_FIRST_TOKEN.labels(**label)
+        self._itl = INTER_TOKEN_LATENCY.labels(**label)
+        self._e2e = E2E_REQUEST_LATENCY.labels(**label)
+        self._queue = REQUEST_QUEUE_TIME.labels(**label)
+        self._req_prompt = REQUEST_PROMPT_TOKENS.labels(**label)
+        self._req_generation = REQUEST_GENERATION_TOKENS.labels(**label)
+        self._iter_tokens = ITERATION_TOKENS.labels(**label)
+        self._step_time = ENGINE_STEP_DURATION.labels(**label)
+        self._batch_size = ENGINE_STEP_BATCH_SIZE.labels(**label)
+        self._set_static()
         self.refresh()
 
-    def observe(self, out, first: bool) -> None:
-        """One RequestOutput of a request; `first`: its first output (prompt is counted)."""
-        if first:
-            self._prompt.inc(len(out.prompt_token_ids))
-        self._generation.inc(sum(len(c.token_ids_delta) for c in out.outputs))
-        if out.finished:
-            for c in out.outputs:
-                self._success[c.finish_reason or "abort"].inc()
+    def _set_static(self) -> None:
+        """What does not change while the engine lives: sizes and configuration."""
+        eng, name = self.engine, self.model_name
+        spec, n = eng.spec, eng.blocks.num_blocks
+        FACTOR_CACHE_NUM_BLOCKS.labels(name).set(n)
+        FACTOR_CACHE_CAPACITY_BYTES.labels(name).set(n * spec.bytes_per_block)
+        FACTOR_CACHE_BYTES_PER_TOKEN.labels(name).set(spec.bytes_per_token)
+        MHA_EQUIVALENT_BYTES_PER_TOKEN.labels(name).set(spec.mha_bytes_per_token)
+        CACHE_CONFIG_INFO.labels(
+            model_name=name, block_size=str(spec.block_size), num_blocks=str(n),
+            dtype=str(spec.dtype).removeprefix("torch."), num_layers=str(spec.n_layer),
+            num_heads=str(spec.n_head), head_dim=str(spec.head_dim), k_rank=str(spec.k_rank),
+            v_rank=str(spec.v_rank), mha_equivalent_heads=str(spec.mha_heads),
+            enable_prefix_caching=str(eng.blocks.enable_prefix_caching).lower()).set(1)
 
-    def observe_abort(self, num_sequences: int) -> None:
-        """A request dropped before it finished (client went away)."""
-        self._success["abort"].inc(num_sequences)
+    def observe(self, stats) -> None:
+        """What the engine did since the last call (an llm_engine.EngineStats); step thread."""
+        self._prompt.inc(stats.prompt_tokens)
+        self._generation.inc(stats.generation_tokens)
+        self._preemptions.inc(stats.num_preemptions)
+        for seconds, tokens, seqs in zip(stats.step_durations, stats.step_tokens,
+                                         stats.step_seqs):
+            self._step_time.observe(seconds)
+            self._iter_tokens.observe(tokens)
+            self._batch_size.observe(seqs)
+        for v in stats.queue_times:
+            self._queue.observe(v)
+        for v in stats.ttfts:
+            self._ttft.observe(v)
+        for v in stats.itls:
+            self._itl.observe(v)
+        for f in stats.finished:
+            for reason in f.finish_reasons:
+                self._success[reason].inc()
+            if "abort" not in f.finish_reasons:   # an abort's timing is the client's
+                self._e2e.observe(f.e2e_latency)
+                self._req_prompt.observe(f.num_prompt_tokens)
+                self._req_generation.observe(f.num_generation_tokens)
+        # the block manager counts lookups as the scheduler admits requests (this thread)
+        blocks = self.engine.blocks
+        queries, hits = blocks.prefix_queries, blocks.prefix_hits
+        self._prefix_queries.inc(queries - self._last_prefix[0])
+        self._prefix_hits.inc(hits - self._last_prefix[1])
+        self._last_prefix = (queries, hits)
 
     def refresh(self) -> None:
+        """Gauges from the engine's state; called at scrape time."""
         eng = self.engine
-        sched, blocks = eng.scheduler, eng.blocks
+        sched, blocks, spec = eng.scheduler, eng.blocks, eng.spec
+        used = blocks.num_used
         self._running.set(len(sched.running))
         self._waiting.set(len(sched.waiting))
-        self._used.set(blocks.num_used)
-        self._total.set(blocks.num_blocks)
+        self._used.set(used)
         self._usage.set(blocks.usage)
-        for key, value, counter in (
-                ("preemptions", sched.num_preemptions, self._preemptions),
-                ("prefix_queries", blocks.prefix_queries, self._prefix_queries),
-                ("prefix_hits", blocks.prefix_hits, self._prefix_hits)):
-            if value > self._last[key]:
-                counter.inc(value - self._last[key])
-            self._last[key] = value
+        self._used_bytes.set(used * spec.bytes_per_block)
+        self._mha_used_bytes.set(used * spec.block_size * spec.mha_bytes_per_token)
