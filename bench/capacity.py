@@ -13,7 +13,7 @@ the budget holds floor(budget / bytes_per_block) blocks):
 --verify URL sends N concurrent requests of C tokens (prompt C - output) to a running
 tpaserve and polls its /metrics, reporting the most requests it held running at once
 (tpaserve:num_requests_running). N defaults to what the server's cache holds:
-tpaserve:factor_cache_num_blocks // ceil(C / block_size).
+tpaserve:factor_cache_blocks_total // ceil(C / block_size).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from tpaserve.models.loader import DTYPES
 RUNNING = "tpaserve:num_requests_running"
 WAITING = "tpaserve:num_requests_waiting"
 CACHE_USAGE = "tpaserve:factor_cache_usage_perc"
-NUM_BLOCKS = "tpaserve:factor_cache_num_blocks"
+NUM_BLOCKS = "tpaserve:factor_cache_blocks_total"
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ def stat(title: str, unit: str, target: Dataquery, description: str = "",
 
 
 def overview() -> Dashboard:
-    cache_used = f"sum {BY} (tpaserve:factor_cache_used_bytes{SEL})"
+    cache_used = f"sum {BY} (tpaserve:factor_cache_bytes_used{SEL})"
     d = (Dashboard("tpaserve overview")
          .uid("tpaserve-overview")
          .description("tpaserve: T6 serving with a paged factor cache - memory, throughput, "
@@ -134,7 +134,7 @@ def overview() -> Dashboard:
          .with_panel(timeseries(
              "Cache bytes: used vs capacity", "bytes",
              q(cache_used, "used {{model_name}}"),
-             q(f"sum {BY} (tpaserve:factor_cache_capacity_bytes{SEL})", "capacity {{model_name}}"),
+             q(f"sum {BY} (tpaserve:factor_cache_bytes_total{SEL})", "capacity {{model_name}}"),
              q(f"sum {BY} (tpaserve:mha_equivalent_cache_used_bytes{SEL})",
                "MHA would need {{model_name}}"),
              description="Bytes of the factor-cache blocks in use, all blocks, and what a "
@@ -146,8 +146,8 @@ def overview() -> Dashboard:
              description="Fraction of blocks in use, fullest and mean replica.").max(1).min(0))
          .with_panel(timeseries(
              "Cache blocks", "short",
-             q(f"sum {BY} (tpaserve:factor_cache_used_blocks{SEL})", "used {{model_name}}"),
-             q(f"sum {BY} (tpaserve:factor_cache_num_blocks{SEL})", "total {{model_name}}"),
+             q(f"sum {BY} (tpaserve:factor_cache_blocks_used{SEL})", "used {{model_name}}"),
+             q(f"sum {BY} (tpaserve:factor_cache_blocks_total{SEL})", "total {{model_name}}"),
              description="Blocks of block_size token slots (see cache_config_info)."))
          .with_panel(timeseries(
              "Bytes per token: factor cache vs MHA", "bytes",

@@ -38,4 +38,4 @@ def test_32_concurrent_greedy_equal_sequential(server):
             await c.close()
 
     assert asyncio.run(concurrent()) == sequential
-    assert server.metric("tpaserve:factor_cache_used_blocks") == 0
+    assert server.metric("tpaserve:factor_cache_blocks_used") == 0

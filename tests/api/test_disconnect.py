@@ -23,7 +23,7 @@ def wait_for(pred, timeout: float) -> float:
 
 
 def used_blocks(server) -> float:
-    return server.metric("tpaserve:factor_cache_used_blocks")
+    return server.metric("tpaserve:factor_cache_blocks_used")
 
 
 def aborted(server) -> float:

@@ -4,7 +4,7 @@ It streams `max_tokens` fixed tokens: the first after `first_delay` s, the rest 
 apart, then (optionally) a usage chunk and `data: [DONE]`. The chat endpoint first sends a
 role-only chunk at once, which a client must not count as the first token. Every
 `fail_every`-th request gets a 503. /metrics exposes the requests in flight as
-tpaserve:num_requests_running, and `num_blocks` as tpaserve:factor_cache_num_blocks.
+tpaserve:num_requests_running, and `num_blocks` as tpaserve:factor_cache_blocks_total.
 """
 from __future__ import annotations
 
@@ -90,8 +90,8 @@ def stub_app(state: StubState) -> FastAPI:
         return PlainTextResponse(
             "# TYPE tpaserve:num_requests_running gauge\n"
             f'tpaserve:num_requests_running{{model_name="stub"}} {float(state.in_flight)}\n'
-            "# TYPE tpaserve:factor_cache_num_blocks gauge\n"
-            f'tpaserve:factor_cache_num_blocks{{model_name="stub"}} {float(state.num_blocks)}\n')
+            "# TYPE tpaserve:factor_cache_blocks_total gauge\n"
+            f'tpaserve:factor_cache_blocks_total{{model_name="stub"}} {float(state.num_blocks)}\n')
 
     return app
 

@@ -96,8 +96,8 @@ def test_overview_dashboard_covers_the_issue():
     exprs = dashboard_queries(path)
     assert all('model_name=~"$model_name"' in e for e in exprs if "label_values" not in e)
     text = "\n".join(exprs)
-    for name in ("factor_cache_used_bytes", "factor_cache_capacity_bytes",
-                 "factor_cache_usage_perc", "factor_cache_used_blocks", "factor_cache_bytes_per_token",
+    for name in ("factor_cache_bytes_used", "factor_cache_bytes_total",
+                 "factor_cache_usage_perc", "factor_cache_blocks_used", "factor_cache_bytes_per_token",
                  "mha_equivalent_cache_used_bytes", "mha_equivalent_bytes_per_token",
                  "prompt_tokens_total", "generation_tokens_total", "num_requests_running",
                  "num_requests_waiting", "num_preemptions_total", "prefix_cache_hits_total",

@@ -26,8 +26,8 @@ REQUIRED = [
     "tpaserve:e2e_request_latency_seconds_count", "tpaserve:request_queue_time_seconds_count",
     "tpaserve:request_prompt_tokens_count", "tpaserve:request_generation_tokens_count",
     "tpaserve:iteration_tokens_total_count", "tpaserve:factor_cache_usage_perc",
-    "tpaserve:factor_cache_num_blocks", "tpaserve:factor_cache_used_blocks",
-    "tpaserve:factor_cache_capacity_bytes", "tpaserve:factor_cache_used_bytes",
+    "tpaserve:factor_cache_blocks_total", "tpaserve:factor_cache_blocks_used",
+    "tpaserve:factor_cache_bytes_total", "tpaserve:factor_cache_bytes_used",
     "tpaserve:factor_cache_bytes_per_token", "tpaserve:mha_equivalent_bytes_per_token",
     "tpaserve:mha_equivalent_cache_used_bytes", "tpaserve:engine_step_duration_seconds_count",
     "tpaserve:engine_step_batch_size_count", "tpaserve:cache_config_info",
@@ -125,8 +125,8 @@ def test_cache_gauges_follow_the_blocks_and_return_to_zero(metrics_server, check
     s = scrape(metrics_server.url)
     assert value(s, "tpaserve:factor_cache_bytes_per_token") == per_token
     assert value(s, "tpaserve:mha_equivalent_bytes_per_token") == mha_per_token
-    assert value(s, "tpaserve:factor_cache_num_blocks") == NUM_BLOCKS
-    assert value(s, "tpaserve:factor_cache_capacity_bytes") == NUM_BLOCKS * BLOCK_SIZE * per_token
+    assert value(s, "tpaserve:factor_cache_blocks_total") == NUM_BLOCKS
+    assert value(s, "tpaserve:factor_cache_bytes_total") == NUM_BLOCKS * BLOCK_SIZE * per_token
     assert value(s, "tpaserve:cache_config_info", block_size=str(BLOCK_SIZE), dtype="float32",
                  enable_prefix_caching="false", num_blocks=str(NUM_BLOCKS),
                  k_rank=str(mc.k_rank), v_rank=str(mc.v_rank)) == 1
@@ -138,17 +138,17 @@ def test_cache_gauges_follow_the_blocks_and_return_to_zero(metrics_server, check
         for _ in range(40):                 # 13 + 40 tokens: 4 blocks
             next(lines)
         s = scrape(metrics_server.url)
-        used = value(s, "tpaserve:factor_cache_used_blocks")
+        used = value(s, "tpaserve:factor_cache_blocks_used")
         assert used >= 4 and value(s, "tpaserve:num_requests_running") == 1
         assert value(s, "tpaserve:factor_cache_usage_perc") == used / NUM_BLOCKS
-        assert value(s, "tpaserve:factor_cache_used_bytes") == used * BLOCK_SIZE * per_token
+        assert value(s, "tpaserve:factor_cache_bytes_used") == used * BLOCK_SIZE * per_token
         assert value(s, "tpaserve:mha_equivalent_cache_used_bytes") == \
             used * BLOCK_SIZE * mha_per_token
         for _ in lines:
             pass
     s = scrape(metrics_server.url)
-    for name in ("tpaserve:factor_cache_used_blocks", "tpaserve:factor_cache_usage_perc",
-                 "tpaserve:factor_cache_used_bytes", "tpaserve:mha_equivalent_cache_used_bytes",
+    for name in ("tpaserve:factor_cache_blocks_used", "tpaserve:factor_cache_usage_perc",
+                 "tpaserve:factor_cache_bytes_used", "tpaserve:mha_equivalent_cache_used_bytes",
                  "tpaserve:num_requests_running", "tpaserve:num_requests_waiting"):
         assert value(s, name) == 0, name
 
@@ -172,7 +172,7 @@ def test_preemptions_are_counted_when_the_cache_is_too_small(metrics_server):
     assert delta(before, after, "tpaserve:generation_tokens_total") == n_req * max_tokens
     assert delta(before, after, "tpaserve:prompt_tokens_total") == n_req * len(PROMPT_IDS)
     assert delta(before, after, "tpaserve:request_queue_time_seconds_count") == n_req
-    assert value(after, "tpaserve:factor_cache_used_blocks") == 0
+    assert value(after, "tpaserve:factor_cache_blocks_used") == 0
 
 
 def test_an_abort_is_counted_and_not_timed(metrics_server):
@@ -188,7 +188,7 @@ def test_an_abort_is_counted_and_not_timed(metrics_server):
     after = scrape(metrics_server.url)
     assert delta(before, after, "tpaserve:e2e_request_latency_seconds_count") == 0
     assert delta(before, after, "tpaserve:time_to_first_token_seconds_count") == 1
-    assert value(after, "tpaserve:factor_cache_used_blocks") == 0
+    assert value(after, "tpaserve:factor_cache_blocks_used") == 0
 
 
 def test_http_requests_by_route_template_and_status(metrics_server):

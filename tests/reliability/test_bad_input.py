@@ -230,7 +230,7 @@ def test_server_unharmed(module_server, http, baseline):
     r = http.post("/v1/completions", json=PROBE)
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == baseline
     m = metrics(module_server.url)
-    assert metric(m, "tpaserve:factor_cache_used_blocks") == 0
+    assert metric(m, "tpaserve:factor_cache_blocks_used") == 0
     assert metric(m, "tpaserve:num_requests_running") == 0
     assert metric(m, "tpaserve:num_requests_waiting") == 0
     log = module_server.log.read_text(errors="replace")

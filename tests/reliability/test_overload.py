@@ -71,7 +71,7 @@ async def scenario(server, expect) -> None:
 def test_queue_full_is_503_at_once_while_admitted_requests_finish(module_server, expect):
     asyncio.run(scenario(module_server, expect))
     m = metrics(module_server.url)
-    assert metric(m, "tpaserve:factor_cache_used_blocks") == 0
+    assert metric(m, "tpaserve:factor_cache_blocks_used") == 0
     assert metric(m, "tpaserve:num_requests_waiting") == 0
     with module_server.http() as h:        # the queue has room again
         assert h.post("/v1/completions", json=SHORT).status_code == 200

@@ -181,7 +181,7 @@ async def wait_idle(url: str, timeout: float = 15.0) -> dict[str, float]:
     end = time.monotonic() + timeout
     while True:
         m = await asyncio.to_thread(metrics, url)
-        idle = {k: metric(m, k) for k in ("tpaserve:factor_cache_used_blocks",
+        idle = {k: metric(m, k) for k in ("tpaserve:factor_cache_blocks_used",
                                           "tpaserve:num_requests_running",
                                           "tpaserve:num_requests_waiting")}
         if not any(idle.values()) or time.monotonic() > end:
@@ -224,7 +224,7 @@ def test_soak(module_server, tokenizer, expect):
         disconnects=out["disconnects"], aborted_sequences=aborted, preemptions=preemptions,
         statuses={str(k): v for k, v in sorted(out["statuses"].items())},
         health={str(k): v for k, v in watch.health.items()},
-        blocks_leaked=out["idle"]["tpaserve:factor_cache_used_blocks"],
+        blocks_leaked=out["idle"]["tpaserve:factor_cache_blocks_used"],
         max_rss_mib=round(max(rss), 1), rss_growth_mib=round(rss[-1] - max(early), 1),
         problems=len(out["problems"]))
     print("soak:", json.dumps(report))

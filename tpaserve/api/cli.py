@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from tpaserve.api.server import build_app
+    from tpaserve.api.shutdown import DrainingServer
     app = build_app(engine, names, model_root=str(model), api_key=args.api_key,
                     max_request_body_bytes=args.max_request_body_bytes)
     host, port = sock.getsockname()[:2]
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     config = uvicorn.Config(app, log_level=args.log_level, lifespan="on",
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout,
                             log_config=None)
-    uvicorn.Server(config).run(sockets=[sock])
+    DrainingServer(config, app).run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -53,7 +53,9 @@ class EngineClient:
                             f"{', '.join(repr(n) for n in self.model_names)}",
                        param="model", code="model_not_found")
 
-    def check_ready(self) -> None:
+    def check_ready(self, draining: bool = False) -> None:
+        if draining:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
         if self.async_engine.dead is not None:
             raise APIError(503, f"the engine has stopped: {self.async_engine.dead}",
                            code="engine_dead")

@@ -38,9 +38,10 @@ async def get_model(model: str, request: Request) -> Response:
             responses={200: {"description": "The engine runs (empty body)."},
                        **error_responses(503)})
 async def health(request: Request) -> Response:
-    """200 with an empty body while the engine runs; 503 before it started and after it
-    died (load balancers and k8s probes read the status only)."""
-    request.app.state.client.check_ready()
+    """200 with an empty body while the engine runs; 503 before it started, while the
+    server drains after SIGTERM, and after the engine died (load balancers and k8s probes
+    read the status only)."""
+    request.app.state.client.check_ready(getattr(request.app.state, "draining", False))
     return Response(status_code=200)
 
 

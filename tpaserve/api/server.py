@@ -61,10 +61,31 @@ def build_app(engine: LLMEngine, model_names: list[str] | str = "t6", *,
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_body_bytes)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+        _document_bearer_auth(app)
     # outermost: 401s and 413s are counted too
     app.add_middleware(HTTPMetricsMiddleware, model_name=names[0],
                        routes=[route for router in routers for route in router.routes])
     return app
+
+
+def _document_bearer_auth(app: FastAPI) -> None:
+    """Declare the API key in the OpenAPI document (a bearer scheme on every operation but
+    OPEN_PATHS): the check itself is APIKeyMiddleware, which runs before routing."""
+    plain = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = plain()
+            schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+                "type": "http", "scheme": "bearer",
+                "description": "the server's --api-key (or TPASERVE_API_KEY)"}
+            for path, operations in schema["paths"].items():
+                if path not in OPEN_PATHS:
+                    for op in operations.values():
+                        op["security"] = [{"bearer": []}]
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 class HTTPMetricsMiddleware:

@@ -1,0 +1,20 @@
+"""/health in-process: 200 while the engine runs, 503 (OpenAI error body) while the server
+drains after SIGTERM; the OpenAPI document declares the bearer key when one is set."""
+from starlette.testclient import TestClient
+
+from tpaserve.api.server import build_app
+from tpaserve.engine.factory import build_engine
+
+
+def test_health_turns_503_while_draining(checkpoint):
+    engine = build_engine(str(checkpoint), device="cpu", num_blocks=64)
+    app = build_app(engine, "tiny", api_key="k")
+    with TestClient(app) as http:
+        assert http.get("/health").status_code == 200
+        app.state.draining = True
+        r = http.get("/health")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        spec = http.get("/openapi.json", headers={"Authorization": "Bearer k"}).json()
+        assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+        assert spec["paths"]["/v1/completions"]["post"]["security"] == [{"bearer": []}]
+        assert "security" not in spec["paths"]["/health"]["get"]
