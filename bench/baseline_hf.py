@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from bench.metrics import batch_row, format_row
-from bench.presets import PRESETS, model_config
+from bench.presets import PRESETS, baseline_parser, model_config
 from bench.serve import write_json
 from tpaserve.config import ModelConfig
 from tpaserve.models.loader import resolve_dtype
@@ -70,19 +70,9 @@ def run(model, cfg: ModelConfig, batch: int, prompt_len: int, output_len: int,
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bench.baseline_hf", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="t6-medium",
-                    help=f"the T6 whose size to match: preset ({', '.join(PRESETS)}), "
-                         "checkpoint dir or config.json")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--batch", default="1", help="comma list: one row per batch size")
-    ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--output-len", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", metavar="OUT")
-    return ap.parse_args(argv)
+    return baseline_parser("python -m bench.baseline_hf", __doc__,
+                           f"the T6 whose size to match: preset ({', '.join(PRESETS)}), "
+                           "checkpoint dir or config.json").parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:

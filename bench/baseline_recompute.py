@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from bench.metrics import batch_row, format_row
-from bench.presets import PRESETS, model_config
+from bench.presets import PRESETS, baseline_parser, model_config
 from bench.serve import write_json
 from tpaserve.models.attention import FullSequenceAttention
 from tpaserve.models.loader import resolve_dtype
@@ -70,19 +70,9 @@ def run(model: T6, batch: int, prompt_len: int, output_len: int, seed: int = 0,
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bench.baseline_recompute", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="t6-medium",
-                    help=f"preset ({', '.join(PRESETS)}), checkpoint dir or config.json "
-                         "(shape only: weights are random)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--batch", default="1", help="comma list: one row per batch size")
-    ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--output-len", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", metavar="OUT")
-    return ap.parse_args(argv)
+    return baseline_parser("python -m bench.baseline_recompute", __doc__,
+                           f"preset ({', '.join(PRESETS)}), checkpoint dir or config.json "
+                           "(shape only: weights are random)").parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:

@@ -6,6 +6,8 @@ and make_random_checkpoint.py so the suite's model is the one the tables describ
 """
 from __future__ import annotations
 
+import argparse
+
 import json
 from pathlib import Path
 
@@ -48,3 +50,18 @@ def model_config(name_or_path: str, max_position: int = 1024) -> ModelConfig:
                            max_position=raw.get("block_size", max_position), name=path.stem)
     raise ValueError(f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a "
                      "checkpoint directory or config.json")
+
+
+def baseline_parser(prog: str, description: str | None, model_help: str) -> argparse.ArgumentParser:
+    """The flags both baselines take, so their rows line up with bench.serve's."""
+    ap = argparse.ArgumentParser(prog=prog, description=description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="t6-medium", help=model_help)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--batch", default="1", help="comma list: one row per batch size")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", metavar="OUT")
+    return ap
