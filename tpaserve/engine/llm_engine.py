@@ -99,15 +99,16 @@ class LLMEngine:
                               f"context ({mcfg.max_position} tokens, config.json block_size)")
         self.max_model_len = config.max_model_len
         self.spec = FactorCacheSpec.from_model(mcfg, self.dtype, config.cache.block_size)
+        self.vocab_size = tokenizer.vocab_size if tokenizer is not None else mcfg.vocab_size
+        self.vocab_size = min(self.vocab_size, mcfg.vocab_size)
+        self.eos_token_id = tokenizer.eos_token_id if tokenizer is not None else None
+        # before sizing: the CUDA memory profile runs a real step, sampler included
+        self.sampler = Sampler(self.vocab_size, self.eos_token_id, seed=config.seed)
         num_blocks = num_blocks or self._num_blocks()
         self.cache = FactorCache(self.spec, num_blocks, self.device)
         self.blocks = BlockManager(num_blocks, config.cache.block_size,
                                    config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.max_model_len)
-        self.vocab_size = tokenizer.vocab_size if tokenizer is not None else mcfg.vocab_size
-        self.vocab_size = min(self.vocab_size, mcfg.vocab_size)
-        self.eos_token_id = tokenizer.eos_token_id if tokenizer is not None else None
-        self.sampler = Sampler(self.vocab_size, self.eos_token_id, seed=config.seed)
         self.runner = ModelRunner(model, self.cache, self.sampler, self.device,
                                   max_num_seqs=config.scheduler.max_num_seqs)
         if self.device.type == "cuda" and not config.enforce_eager:

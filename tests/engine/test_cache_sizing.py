@@ -1,0 +1,54 @@
+"""How the factor cache is sized: --num-blocks, --cache-memory, the CPU default, and the
+CUDA path (profile a full-budget step, then fill utilization * memory). The CUDA memory
+API is replaced by a ledger here (no GPU on this machine); the step it profiles is real."""
+import pytest
+import torch
+
+from tpaserve.config import ConfigError, ModelConfig
+from tpaserve.engine.factory import build_engine
+from tpaserve.engine.llm_engine import LLMEngine
+from tpaserve.models import T6
+
+CFG = ModelConfig(n_layer=2, n_head=5, head_dim=8, n_embd=32, vocab_size=101, k_rank=2, v_rank=2,
+                  q_rank=3, max_position=256)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return T6(CFG).init_random(0).eval()
+
+
+def test_explicit_sizes(model):
+    assert build_engine(model, num_blocks=7).cache.num_blocks == 7
+    eng = build_engine(model, cache_memory=10 * 2**20, block_size=16)
+    assert eng.cache.num_blocks == 10 * 2**20 // eng.spec.bytes_per_block
+    # bytes per token = layers * (R_K + R_V)(h + d_h) * itemsize
+    assert eng.spec.bytes_per_token == 2 * (2 + 2) * (5 + 8) * 4
+    default = build_engine(model)
+    assert default.cache.num_blocks == (256 * 2**20) // default.spec.bytes_per_block
+    with pytest.raises(ConfigError, match="no block"):
+        build_engine(model, cache_memory=10)
+
+
+def test_cuda_profile_path_sizes_from_the_measured_peak(model, monkeypatch):
+    """Runs LLMEngine._profile_cuda_blocks against a fake allocator ledger: the weights and
+    the profiled step's peak are taken off utilization * total, and a graph reserve too."""
+    total, weights, peak = 10 * 2**30, 1 * 2**30, 3 * 2**30
+    calls = []
+    fake = dict(
+        synchronize=lambda dev=None: None, empty_cache=lambda: None,
+        memory_allocated=lambda dev=None: weights,
+        reset_peak_memory_stats=lambda dev=None: calls.append("reset"),
+        max_memory_allocated=lambda dev=None: calls.append("peak") or peak,
+        get_device_properties=lambda dev=None: type("P", (), {"total_memory": total})())
+    for name, fn in fake.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    # the sizing a CUDA engine does in __init__ (this engine's tensors stay on the CPU)
+    monkeypatch.setattr(LLMEngine, "_num_blocks", LLMEngine._profile_cuda_blocks)
+    eng = build_engine(model, max_num_batched_tokens=64, max_num_seqs=4)
+    n = eng.cache.num_blocks
+    assert calls == ["reset", "peak"]                 # the peak is read after a real step
+    probe_bytes = -(-64 // eng.spec.block_size) * eng.spec.bytes_per_block
+    activations = peak - probe_bytes - weights
+    reserve = int(activations * 4 / 64) + 64 * 2**20   # largest graph bucket (4) of 64 tokens
+    assert n == (int(total * 0.9) - weights - activations - reserve) // eng.spec.bytes_per_block
