@@ -18,3 +18,18 @@ def test_health_turns_503_while_draining(checkpoint):
         assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
         assert spec["paths"]["/v1/completions"]["post"]["security"] == [{"bearer": []}]
         assert "security" not in spec["paths"]["/health"]["get"]
+
+
+def test_unknown_fields_are_refused_naming_them(checkpoint):
+    """Nothing a client sends is dropped silently: an unknown field is a 400 naming it,
+    as OpenAI answers (stream_options.continuous_usage_stats included: not supported)."""
+    engine = build_engine(str(checkpoint), device="cpu", num_blocks=64)
+    app = build_app(engine, "tiny")
+    with TestClient(app) as http:
+        for body, param in [
+            ({"prompt": "hi", "frobnicate": 1}, "frobnicate"),
+            ({"prompt": "hi", "stream": True,
+              "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+             "stream_options.continuous_usage_stats")]:
+            r = http.post("/v1/completions", json={"model": "tiny", "max_tokens": 2, **body})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param

@@ -46,7 +46,8 @@ def _has_lone_surrogate(v: Any) -> bool:
 
 class _Request(BaseModel):
     """Base of every request body: strict types (see above), and text that is Unicode."""
-    model_config = ConfigDict(strict=True)
+    # strict types; unknown fields are refused (400 naming them), as OpenAI does, never dropped
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     @field_validator("*", mode="before")
     @classmethod
