@@ -150,6 +150,28 @@ def test_echo_logprobs_equal_model_log_softmax(server, tokenizer, ref_model):
             assert lp.top_logprobs[pos][name] == pytest.approx(value, abs=1e-4)
 
 
+def test_streamed_echo_with_logprobs_equals_the_whole_response(server):
+    """The stream echoes the prompt with its logprobs first (in the step that completes the
+    prompt), then the generated tokens; joined, it is the non-streamed choice."""
+    c = server.client()
+    whole = c.completions.create(model=MODEL_NAME, prompt=PROMPT, echo=True, logprobs=2,
+                                 **GREEDY).choices[0]
+    text, tokens, lps, offsets = "", [], [], []
+    for chunk in c.completions.create(model=MODEL_NAME, prompt=PROMPT, echo=True, logprobs=2,
+                                      stream=True, **GREEDY):
+        for ch in chunk.choices:
+            if not text:
+                assert ch.text.startswith(PROMPT)      # the echo comes first, whole
+            text += ch.text
+            if ch.logprobs is not None:
+                tokens += ch.logprobs.tokens
+                lps += ch.logprobs.token_logprobs
+                offsets += ch.logprobs.text_offset
+    assert text == whole.text and tokens == whole.logprobs.tokens
+    assert offsets == whole.logprobs.text_offset
+    assert lps[0] is None and lps[1:] == pytest.approx(whole.logprobs.token_logprobs[1:], abs=1e-5)
+
+
 def test_echo_with_zero_max_tokens_returns_the_prompt(server, tokenizer, ref_model):
     ids = tokenizer.encode(PROMPT)
     r = server.client().completions.create(model=MODEL_NAME, prompt=PROMPT, echo=True,

@@ -64,10 +64,6 @@ def _check_unsupported(body: CompletionRequest) -> None:
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options is only allowed when stream is true",
                           "stream_options")
-    if body.stream and body.echo and body.logprobs is not None:
-        # prompt logprobs arrive with a request's final output, after the text they precede
-        raise bad_request("echo with logprobs is not supported when streaming; "
-                          "send the request without stream", "echo")
 
 
 @router.post("/v1/completions", response_model=CompletionResponse,
@@ -107,7 +103,7 @@ async def _sse(rid: str, model: str, body: CompletionRequest, renderer: "_Render
             events = []          # one write per engine step, however many choices moved
             for c in out.outputs:
                 n_completion += len(c.token_ids_delta)
-                choice = renderer.delta_choice(i, c)
+                choice = renderer.delta_choice(i, c, out)
                 if choice is not None:
                     chunk = CompletionResponse(id=rid, model=model, choices=[choice])
                     events.append(f"data: {chunk.model_dump_json(exclude={'usage'})}\n\n")
@@ -172,20 +168,28 @@ class _Renderer:
                                 logprobs=logprobs, finish_reason=c.finish_reason,
                                 stop_reason=c.stop_reason)
 
-    def delta_choice(self, prompt_index: int, c) -> CompletionChoice | None:
+    def delta_choice(self, prompt_index: int, c, out) -> CompletionChoice | None:
         index = prompt_index * self.n + c.index
         if index in self.closed:
             # each output carries all n sequences: a finished one still shows its
             # finish_reason while a sibling runs on (it was sent twice)
             return None
         text = c.text_delta
-        if self.body.echo and index not in self.echoed:
-            self.echoed.add(index)
-            text = self.prompts[prompt_index].text + text
+        prompt = self.prompts[prompt_index]
         logprobs = None
+        offsets = self.offsets.setdefault(index, self._new_offsets())
+        # with logprobs, the echo waits for the output that carries the prompt's logprobs
+        # (the step that completes the prompt, before any generated text)
+        echo_now = self.body.echo and index not in self.echoed and (
+            not self.want_logprobs or out.prompt_logprobs is not None)
+        if echo_now:
+            self.echoed.add(index)
+            text = prompt.text + text
+            if self.want_logprobs:
+                logprobs = self._logprobs(prompt.ids, out.prompt_logprobs, offsets)
         if self.want_logprobs:
-            offsets = self.offsets.setdefault(index, self._new_offsets())
-            logprobs = self._logprobs(c.token_ids_delta, c.logprobs_delta, offsets)
+            gen = self._logprobs(c.token_ids_delta, c.logprobs_delta, offsets)
+            logprobs = gen if logprobs is None else logprobs.extend(gen)
         if not text and c.finish_reason is None and not (logprobs and logprobs.tokens):
             return None
         if c.finish_reason is not None:

@@ -197,6 +197,14 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
+    def extend(self, more: "CompletionLogprobs") -> "CompletionLogprobs":
+        """Append another run of tokens (offsets already continue); returns self."""
+        self.tokens += more.tokens
+        self.token_logprobs += more.token_logprobs
+        self.top_logprobs += more.top_logprobs
+        self.text_offset += more.text_offset
+        return self
+
 
 class CompletionChoice(BaseModel):
     index: int

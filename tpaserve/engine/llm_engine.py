@@ -48,6 +48,7 @@ class _Group:
     seq_ids: list[str]
     arrival_time: float
     prompt_logprobs: list | None = None
+    prompt_logprobs_sent: bool = False
     num_cached_tokens: int = 0        # kept here: the scheduler forgets finished requests
     first_token_time: float | None = None
     finished_at: float | None = None
@@ -352,10 +353,16 @@ class LLMEngine:
             del self.groups[group.request_id]
             for sid in group.seq_ids:
                 self.seq_to_group.pop(sid, None)
+        # prompt logprobs go out once complete (a stream echoes them before the first token)
+        # and again on the final output (for whoever only reads that one)
+        plp = group.prompt_logprobs
+        complete = plp is not None and len(plp) >= len(group.prompt_token_ids)
+        send_plp = complete and (finished or not group.prompt_logprobs_sent)
+        group.prompt_logprobs_sent |= send_plp
         return RequestOutput(
             request_id=group.request_id, prompt_token_ids=group.prompt_token_ids,
             outputs=[_snapshot(o, finished) for o in outs], finished=finished,
-            prompt_logprobs=list(group.prompt_logprobs) if finished and group.prompt_logprobs is not None else None,
+            prompt_logprobs=list(plp) if send_plp else None,
             num_cached_tokens=group.num_cached_tokens)
 
 

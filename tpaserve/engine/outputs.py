@@ -82,6 +82,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
-    prompt_logprobs: list[Logprob | None] | None = None   # entry 0 is None (no context)
+    # entry 0 is None (no context); set on the output where they are complete and the final one
+    prompt_logprobs: list[Logprob | None] | None = None
     num_cached_tokens: int = 0
     error: str | None = None
