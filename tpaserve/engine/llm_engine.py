@@ -122,7 +122,6 @@ class LLMEngine:
         self.consecutive_failures = 0
         self.groups: dict[str, _Group] = {}
         self.seq_to_group: dict[str, _Group] = {}
-        self.stats = dict(steps=0, prompt_tokens=0, generation_tokens=0)
         self.collect_stats = False          # set by whoever calls take_stats() (metrics)
         self._stats = EngineStats()
         logger.info(self.spec.summary(num_blocks))
@@ -274,12 +273,8 @@ class LLMEngine:
             return self._fail_step(sched, exc)
         self.consecutive_failures = 0
         changed = self.scheduler.update(sched, result)
-        self.stats["steps"] += 1
         now = time.monotonic()
         touched: dict[str, _Group] = {}
-        for s in sched.requests:
-            if s.request_id in self.seq_to_group:
-                self.stats["prompt_tokens"] += max(0, min(s.start_pos + s.num_tokens, len(s.prompt_token_ids)) - s.start_pos)
         for req in changed:
             group = self.seq_to_group.get(req.request_id)
             if group is None:
@@ -294,7 +289,6 @@ class LLMEngine:
                 group.prompt_logprobs.extend(result.prompt_logprobs[req.request_id])
             lp = result.logprobs.get(req.request_id)
             n_new = req.num_output_tokens - seq.num_tokens_seen
-            self.stats["generation_tokens"] += n_new
             if n_new:
                 st.generation_tokens += n_new
                 if group.first_token_time is None:
