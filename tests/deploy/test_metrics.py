@@ -144,8 +144,7 @@ def test_cache_gauges_follow_the_blocks_and_return_to_zero(metrics_server, check
         assert value(s, "tpaserve:factor_cache_bytes_used") == used * BLOCK_SIZE * per_token
         assert value(s, "tpaserve:mha_equivalent_cache_used_bytes") == \
             used * BLOCK_SIZE * mha_per_token
-        for _ in lines:
-            pass
+        assert list(lines)[-1] == "data: [DONE]"     # read the stream to its end
     s = scrape(metrics_server.url)
     for name in ("tpaserve:factor_cache_blocks_used", "tpaserve:factor_cache_usage_perc",
                  "tpaserve:factor_cache_bytes_used", "tpaserve:mha_equivalent_cache_used_bytes",
