@@ -105,8 +105,9 @@ def ref_model(checkpoint: Path) -> T6:
 
 
 def launch(checkpoint: Path, log: Path, *flags: str, api_key: str | None = API_KEY,
-           env: dict | None = None) -> Server:
-    args = [sys.executable, "-m", "tpaserve", "--model", str(checkpoint), "--host", "127.0.0.1",
+           env: dict | None = None, entry: tuple[str, ...] = ("-m", "tpaserve")) -> Server:
+    """Start `python <entry> --model checkpoint ...` on a free port and wait for /health."""
+    args = [sys.executable, *entry, "--model", str(checkpoint), "--host", "127.0.0.1",
             "--port", "0", "--device", "cpu", "--served-model-name", MODEL_NAME, "--log-level",
             "info", *flags]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", TPASERVE_API_KEY=api_key or "")

@@ -12,15 +12,13 @@ Every server binds port 0 and is stopped (SIGTERM, then SIGKILL) however the tes
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.api.conftest import (API_KEY, MODEL_NAME, Server, _wait_ready,  # noqa: F401
-                                checkpoint, ref_model, stop, tokenizer)
+from tests.api.conftest import (API_KEY, MODEL_NAME, Server, checkpoint,  # noqa: F401
+                                ref_model, stop, tokenizer)
+from tests.api.conftest import launch as api_launch
 from tests.reliability.common import Expected, expected_output
 from tpaserve.api.chat import encode_chat
 from tpaserve.api.protocol import ChatMessage
@@ -28,26 +26,13 @@ from tpaserve.models.generate import reference_generate
 from tpaserve.sampling_params import SamplingParams
 
 LAUNCHER = Path(__file__).with_name("fault_launcher.py")
-REPO = Path(__file__).resolve().parents[2]
 
 
 def launch(checkpoint: Path, log: Path, *flags: str, env: dict[str, str] | None = None,
            api_key: str | None = API_KEY) -> Server:
-    args = [sys.executable, str(LAUNCHER), "--model", str(checkpoint), "--host", "127.0.0.1",
-            "--port", "0", "--device", "cpu", "--served-model-name", MODEL_NAME,
-            "--log-level", "info", *flags]
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", TPASERVE_API_KEY=api_key or "")
-    full_env.update(env or {})
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=full_env,
-                                cwd=REPO)
-    server = Server(proc, "", log, api_key)
-    try:
-        _wait_ready(server)
-    except BaseException:
-        stop(server)
-        raise
-    return server
+    """The API tests' launcher, through the fault-injecting entry script."""
+    return api_launch(checkpoint, log, *flags, api_key=api_key, env=env,
+                      entry=(str(LAUNCHER),))
 
 
 @pytest.fixture
