@@ -64,8 +64,20 @@ def test_sequence_without_query_is_left_alone():
     assert rel_err(got, c.reference()) < 1e-4
 
 
+def test_split_lengths_follow_each_sequence():
+    # a grid sized for a long context (as a CUDA graph captured for max_model_len is):
+    # each sequence spreads its own length over the splits (short ones use few, some
+    # splits empty), and min_split bounds how short a split gets
+    c = make_case([1, 17, 40, 130], [1] * 4, 5, 16, 2, 2, 8, torch.float32, DEV, seed=9)
+    for cfg in (None, DecodeConfig(16, 16, 4, 1, min_split=32), DecodeConfig(16, 16, 4, 1, min_split=1)):
+        out = torch.full_like(c.q, float("nan"))
+        out = decode_attention(c.q, *c.caches(), *c.metadata(), 4096, num_splits=7, out=out,
+                               config=cfg)
+        assert rel_err(out, c.reference()) < 1e-4
+
+
 def test_short_max_seq_len_still_covers_context():
-    # the last split absorbs positions past num_splits * split_len
+    # max_seq_len only sizes the grid: split lengths come from each sequence's length
     c = make_case([70], [1], 5, 16, 1, 1, 8, torch.float32, DEV, seed=7)
     out = torch.full_like(c.q, float("nan"))
     out = decode_attention(c.q, *c.caches(), *c.metadata(), 20, num_splits=2, out=out)

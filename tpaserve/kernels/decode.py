@@ -16,8 +16,11 @@ drift apart over long splits: ncu saw 1.5x the counted DRAM bytes with 3 splits 
 positions). Each split covers split_len positions; with more than one split the programs
 write unnormalised partials (acc, running max m, running sum l) to a workspace, and the
 last program to finish for a (sequence, head block) merges them (`_merge_splits`): one
-launch either way. The last split also takes any positions past num_splits * split_len,
-so a `max_seq_len` that is too small costs speed, never correctness.
+launch either way. Split lengths are per sequence, read on the device: sequence b of
+length L uses ceil(L / split_len) of the grid's splits, split_len = ceil(L / num_splits)
+rounded up to BLOCK_N and to at least `min_split` tokens. So one CUDA graph, captured
+with num_splits for max_model_len, gives a 512-token sequence a few short splits instead
+of one 512-token split (that one ran its tiles one after another: 15-60 us a layer).
 
 Launchers never read device values: sizes come from the caller as Python ints, and the
 split-K scratch can be passed in preallocated, so a decode step can be captured in a
@@ -87,7 +90,7 @@ def _decode_kernel(
     bt_ptr, seq_lens_ptr, qsl_ptr,                # block_tables (B, max_blocks); (B,); (B+1,)
     out_ptr, ws_ptr,                              # out (T, H, D); fp32 split-K workspace
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
-    split_len, num_splits, ml_offset, cnt_offset,  # where (m, l) and the counters start in ws
+    min_split, num_splits, ml_offset, cnt_offset,  # where (m, l) and the counters start in ws
     qk_scale, out_scale,                          # scale / R_K * log2(e); 1 / R_V
     H: tl.constexpr, D: tl.constexpr, R_K: tl.constexpr, R_V: tl.constexpr,
     BS: tl.constexpr, HB: tl.constexpr, D_PAD: tl.constexpr, RK_PAD: tl.constexpr,
@@ -101,10 +104,13 @@ def _decode_kernel(
     if tl.load(qsl_ptr + b + 1) == row:           # sequence has no query this step
         return
     L = tl.load(seq_lens_ptr + b)
+    # this sequence's split length: a multiple of BLOCK_N (tiles stay block-aligned)
+    per = tl.maximum((L + num_splits - 1) // num_splits, min_split)
+    split_len = (per + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     lo = sp * split_len
     if (lo >= L) & (sp > 0):                      # empty split: the merge never reads it
         return
-    hi = tl.where(sp == num_splits - 1, L, tl.minimum(lo + split_len, L))
+    hi = tl.minimum(lo + split_len, L)            # num_splits * split_len >= L
 
     H_EVEN: tl.constexpr = H % HB == 0
     offs_h = hb * HB + tl.arange(0, HB)           # (HB,)
@@ -237,10 +243,13 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     maxnreg: int | None = None     # register cap per thread (more programs per SM)
+    min_split: int = 64  # positions a split covers at least (below: its fixed cost dominates)
 
 
-# Interpreter (CPU tests): smallest legal tiles, so short sequences still span several tiles.
-_INTERPRET_CONFIG = DecodeConfig(head_block=16, block_n=16, num_warps=4, num_stages=1)
+# Interpreter (CPU tests): smallest legal tiles and splits, so short sequences still span
+# several tiles and several splits.
+_INTERPRET_CONFIG = DecodeConfig(head_block=16, block_n=16, num_warps=4, num_stages=1,
+                                 min_split=16)
 
 
 def decode_config(h: int, d_h: int, r_k: int, r_v: int, block_size: int,
@@ -268,8 +277,10 @@ def decode_config(h: int, d_h: int, r_k: int, r_v: int, block_size: int,
     return DecodeConfig(head_block=16, block_n=16, num_warps=1, num_stages=5)
 
 
-# Split-K heuristic: splits = ceil(16 * SMs / (batch * head blocks)), at most
-# max_seq_len / 128 and 64. Measured on the H200 (us, do_bench; T6-medium with
+# Split-K heuristic (the grid): splits = ceil(16 * SMs / (batch * head blocks)), at most
+# max_seq_len / 128 and 64; each sequence then uses as many of them as its own length
+# fills (DecodeConfig.min_split positions at least). Measured before per-sequence split
+# lengths (every sequence's splits were max_seq_len / splits long): Measured on the H200 (us, do_bench; T6-medium with
 # (16, 16, 2 warps, 3 stages), paper with (32, 32, 1, 3)), splits: time:
 #   T6 1 x 4K     1:338 2:170 4:94 8:53 16:35 32:29          -> rule 32
 #   T6 1 x 32K    1:2696 4:687 16:181 32:104 64:73           -> rule 64
@@ -303,11 +314,6 @@ def num_splits_for(batch: int, h: int, max_seq_len: int, config: DecodeConfig,
     s = -(-target // (batch * n_hb))
     s = min(s, MAX_SPLITS, max(1, max_seq_len // _MIN_SPLIT_TOKENS))
     return max(1, s)
-
-
-def _split_len(max_seq_len: int, num_splits: int, block_n: int) -> int:
-    per = -(-max(max_seq_len, 1) // num_splits)
-    return -(-per // block_n) * block_n
 
 
 def workspace_numel(batch: int, h: int, d_h: int, num_splits: int) -> int:
@@ -349,7 +355,6 @@ def decode_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Te
         num_splits = num_splits_for(batch, h, max_seq_len, cfg, q.device)
     if not isinstance(num_splits, int) or num_splits < 1:
         raise v.KernelInputError(f"num_splits must be a positive int, got {num_splits!r}")
-    split_len = _split_len(max_seq_len, num_splits, cfg.block_n)
     need = workspace_numel(batch, h, d_h, num_splits)
     if num_splits == 1:
         ws = out                                   # unused: the kernel writes out directly
@@ -379,7 +384,7 @@ def decode_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Te
     _decode_kernel[grid](
         q, ak_cache, bk_cache, av_cache, bv_cache, block_tables, seq_lens, query_start_loc,
         out, ws, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        block_tables.stride(0), split_len, num_splits, ml_offset, cnt_offset,
+        block_tables.stride(0), cfg.min_split, num_splits, ml_offset, cnt_offset,
         scale / r_k * LOG2E, 1.0 / r_v,
         H=h, D=d_h, R_K=r_k, R_V=r_v, BS=bs, HB=hb, D_PAD=d_pad,
         RK_PAD=v.next_pow2(r_k), RV_PAD=v.next_pow2(r_v), BLOCK_N=cfg.block_n,
