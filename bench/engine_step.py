@@ -134,6 +134,7 @@ def time_decode(model: T6, variant: str, batch: int, eager: bool, ctx: int, step
         eng.step()              # returns after sampling: .tolist() syncs the device
         times.append(time.perf_counter() - t)
     row = dict(variant=variant, batch=batch, ctx=ctx, eager=eager,
+               max_model_len=eng.max_model_len,
                step_ms_median=1e3 * statistics.median(times),
                step_ms_p90=1e3 * sorted(times)[int(0.9 * len(times))])
     g = eng.runner.graphs
@@ -171,8 +172,12 @@ def main() -> None:
                     "fused:16:graphs,fused:64:graphs,base:64:graphs",
                     help="variant:batch:mode,... (variant base|fused, mode graphs|eager); "
                          "base rows run first, while the model is still unfused")
+    ap.add_argument("--max-model-len", type=int, default=MEDIUM["max_position"],
+                    help="the model's context and the engine's max_model_len; CUDA graphs are "
+                         "captured for it (the serving suite uses 33024)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    MEDIUM["max_position"] = args.max_model_len
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
     if not args.no_correctness:
         res["correctness"] = check_correctness(args.quick)

@@ -86,14 +86,23 @@ class CacheConfig:
                 f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
+MAX_SCHEDULER_STEPS = 64
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_batched_tokens: int = 2048   # token budget per engine step
     max_num_seqs: int = 128              # running requests at once
     max_model_len: int | None = None     # None: the model's max_position
     max_queued_requests: int | None = None
+    # decode steps per scheduling round when every running request only decodes (see
+    # Scheduler._extend_decode): host work once per round, not once per token
+    num_scheduler_steps: int = 1
 
     def __post_init__(self) -> None:
+        if not 1 <= self.num_scheduler_steps <= MAX_SCHEDULER_STEPS:
+            raise ConfigError(f"--num-scheduler-steps must be in [1, {MAX_SCHEDULER_STEPS}], "
+                              f"got {self.num_scheduler_steps}")
         if self.max_num_batched_tokens < 1:
             raise ConfigError(
                 f"--max-num-batched-tokens must be >= 1, got {self.max_num_batched_tokens}")

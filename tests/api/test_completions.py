@@ -220,3 +220,25 @@ def test_model_field_optional(server):
     with server.http() as h:
         r = h.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
     assert r.status_code == 200 and r.json()["model"] == MODEL_NAME
+
+
+def test_multi_step_server_streams_the_same_text_in_fewer_chunks(server, start_server):
+    """--num-scheduler-steps 4: decode rounds deliver several tokens per stream chunk;
+    text, token counts and finish reasons equal the single-step server's."""
+    ms = start_server("--num-scheduler-steps", "4", "--num-blocks", "512", api_key="k")
+    ms.api_key = "k"
+    want = server.client().completions.create(model=MODEL_NAME, prompt=PROMPT, **GREEDY)
+    c = ms.client()
+    whole = c.completions.create(model=MODEL_NAME, prompt=PROMPT, **GREEDY)
+    assert whole.choices[0].text == want.choices[0].text
+    assert whole.usage.completion_tokens == 12
+    chunks = list(c.completions.create(model=MODEL_NAME, prompt=PROMPT, stream=True,
+                                       stream_options={"include_usage": True}, **GREEDY))
+    texts = [ch.choices[0].text for ch in chunks if ch.choices]
+    assert "".join(texts) == want.choices[0].text
+    assert len(texts) < 12                      # rounds of up to 4 tokens per chunk
+    assert chunks[-1].usage.completion_tokens == 12
+    stop = want.choices[0].text[5:7]
+    cut = c.completions.create(model=MODEL_NAME, prompt=PROMPT, stop=[stop], **GREEDY)
+    assert cut.choices[0].text == want.choices[0].text[:want.choices[0].text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"

@@ -53,11 +53,19 @@ def spm_tokenizer(tmp_path_factory):
     return load_tokenizer(train_spm(tmp_path_factory.mktemp("spm_tokenizer")).parent)
 
 
+ENGINE_ARGS = dict(num_blocks=128, block_size=4, max_num_batched_tokens=64, max_num_seqs=32,
+                   device="cpu")
+
+
+@pytest.fixture(autouse=True, params=[1, 4], ids=["steps1", "steps4"])
+def scheduler_steps(request, monkeypatch):
+    """Every test runs with ordinary steps and with multi-step decode rounds of 4."""
+    monkeypatch.setitem(ENGINE_ARGS, "num_scheduler_steps", request.param)
+    return request.param
+
+
 def engine(model: T6, **kw) -> LLMEngine:
-    args = dict(num_blocks=128, block_size=4, max_num_batched_tokens=64, max_num_seqs=32,
-                device="cpu")
-    args.update(kw)
-    return build_engine(model, **args)
+    return build_engine(model, **{**ENGINE_ARGS, **kw})
 
 
 def record_steps(eng: LLMEngine) -> list:

@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queued-requests", type=_non_negative_int, default=None,
                    help="waiting sequences before new requests get 503 + Retry-After; "
                         "default: unbounded")
+    s.add_argument("--num-scheduler-steps", type=_positive_int, default=None,
+                   help="decode steps per scheduling round while every running request "
+                        "only decodes (host work once per round; streams get up to this "
+                        "many tokens per chunk); default: 8 on CUDA, 1 on CPU")
 
     h = p.add_argument_group("server")
     h.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -223,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
             enable_prefix_caching=args.enable_prefix_caching,
             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len, max_queued_requests=args.max_queued_requests,
-            seed=args.seed, enforce_eager=args.enforce_eager)
+            seed=args.seed, enforce_eager=args.enforce_eager,
+            num_scheduler_steps=args.num_scheduler_steps)
     except (ConfigError, CheckpointError, TokenizerNotFoundError, TokenizerLoadError,
             ChatTemplateError, ValueError, OSError, torch.OutOfMemoryError) as e:
         sock.close()

@@ -87,9 +87,11 @@ class BlockManager:
         self.prefix_hits += hit
 
     def _register_full_blocks(self, request_id: str, token_ids: list[int], num_tokens: int) -> None:
-        """Hash the request's blocks that num_tokens fills completely."""
+        """Hash the request's blocks that num_tokens fills completely, as far as their
+        tokens are known (a multi-step decode allocates slots for tokens not sampled yet;
+        `register` hashes those blocks once the tokens exist)."""
         hashes, table, bs = self.hashes.setdefault(request_id, []), self.tables[request_id], self.block_size
-        for i in range(len(hashes), num_tokens // bs):
+        for i in range(len(hashes), min(num_tokens, len(token_ids)) // bs):
             parent = hashes[-1] if hashes else _ROOT
             h = block_hash(parent, token_ids[i * bs:(i + 1) * bs])
             hashes.append(h)
@@ -123,6 +125,11 @@ class BlockManager:
         if self.enable_prefix_caching:
             self._register_full_blocks(request_id, token_ids, num_computed + num_new)
         return True
+
+    def register(self, request_id: str, token_ids: list[int], num_computed: int) -> None:
+        """Hash the full blocks of tokens [0, num_computed) that are not hashed yet."""
+        if self.enable_prefix_caching and request_id in self.tables:
+            self._register_full_blocks(request_id, token_ids, num_computed)
 
     def free_request(self, request_id: str, num_computed: int | None = None) -> None:
         """Drop a request's references. Tail blocks are freed first so that, among equally

@@ -71,8 +71,10 @@ class DecodeGraphs:
             return
         before = torch.cuda.memory_reserved(self.device)
         pool = None
+        # one warm-up stream for every bucket: cuBLAS keeps a workspace per stream it ran
+        # on (from the caching allocator), so a stream per bucket held ~30 MiB each
+        side = torch.cuda.Stream(self.device)
         for b in reversed(self.buckets):
-            side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(2):                                  # compile + warm up
@@ -92,18 +94,35 @@ class DecodeGraphs:
     def run(self, ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
             tables: list[list[int]]) -> torch.Tensor:
         """One decode step of B = len(ids) requests -> logits (B, V)."""
-        B = len(ids)
+        self.prepare(tables)
+        return self.replay(torch.tensor(ids), torch.tensor(positions), torch.tensor(slots),
+                           torch.tensor(seq_lens, dtype=torch.int32))
+
+    def prepare(self, tables: list[list[int]]) -> None:
+        """Block tables of the B = len(tables) requests of the next replays (one decode
+        step, or every step of a multi-step round: the tables cover all of them), and the
+        padding rows B..bucket-1 (no slot, length 1 over block 0)."""
+        B = len(tables)
         b = self.bucket_for(B)
         width = max(len(t) for t in tables)
         host = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        self.input_ids[:B].copy_(torch.tensor(ids), non_blocking=True)
-        self.positions[:B].copy_(torch.tensor(positions), non_blocking=True)
-        self.slot_mapping[:B].copy_(torch.tensor(slots), non_blocking=True)
-        self.slot_mapping[B:b].fill_(-1)
-        self.seq_lens[:B].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
-        self.seq_lens[B:b].fill_(1)
         self.block_tables[:B, :width].copy_(host, non_blocking=True)
         self.block_tables[B:b].zero_()
+        self.slot_mapping[B:b].fill_(-1)
+        self.seq_lens[B:b].fill_(1)
+
+    @torch.inference_mode()
+    def replay(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+               seq_lens: torch.Tensor) -> torch.Tensor:
+        """One decode step after `prepare`: ids, positions, slots (B,) int64 and seq_lens (B,)
+        int32, on the host or the device (a multi-step round passes the previous step's
+        samples as ids) -> logits (B, V), valid until the next replay."""
+        B = ids.numel()
+        b = self.bucket_for(B)
+        self.input_ids[:B].copy_(ids, non_blocking=True)
+        self.positions[:B].copy_(positions, non_blocking=True)
+        self.slot_mapping[:B].copy_(slots, non_blocking=True)
+        self.seq_lens[:B].copy_(seq_lens, non_blocking=True)
         if self.capture:
             g, out = self.graphs[b]
             g.replay()

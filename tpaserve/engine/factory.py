@@ -10,6 +10,11 @@ from tpaserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerCon
 from tpaserve.engine.llm_engine import LLMEngine
 from tpaserve.models.t6 import T6
 
+# Decode steps per scheduling round on CUDA (see Scheduler): the host work of a step (~0.3 ms
+# at batch 1, ~2 ms at batch 64, docs/benchmarks.md) is paid once per round instead of
+# once per token; a new request waits at most one round (8 steps: ~10-15 ms).
+DEFAULT_CUDA_SCHEDULER_STEPS = 8
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -27,7 +32,10 @@ def build_engine(model: str | os.PathLike | T6, tokenizer=None, *, dtype: str = 
                  enable_prefix_caching: bool = True, max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 128, max_model_len: int | None = None,
                  max_queued_requests: int | None = None, seed: int = 0,
-                 enforce_eager: bool = False) -> LLMEngine:
+                 enforce_eager: bool = False, num_scheduler_steps: int | None = None
+                 ) -> LLMEngine:
+    """num_scheduler_steps None: DEFAULT_CUDA_SCHEDULER_STEPS on CUDA, 1 on the CPU (where
+    the model step, not the host, is the bottleneck)."""
     if isinstance(model, T6):
         module = model
     else:
@@ -44,6 +52,9 @@ def build_engine(model: str | os.PathLike | T6, tokenizer=None, *, dtype: str = 
         from tpaserve.models.tokenizer import load_tokenizer
         cfg_json = _read_config_json(model) if not isinstance(model, T6) else None
         tokenizer = load_tokenizer(tokenizer, cfg_json)
+    on_cuda = next(module.parameters()).is_cuda
+    if num_scheduler_steps is None:
+        num_scheduler_steps = DEFAULT_CUDA_SCHEDULER_STEPS if on_cuda else 1
     config = EngineConfig(
         model=module.cfg,
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, cache_memory=cache_memory,
@@ -51,7 +62,8 @@ def build_engine(model: str | os.PathLike | T6, tokenizer=None, *, dtype: str = 
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
                                   max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                                  max_queued_requests=max_queued_requests),
+                                  max_queued_requests=max_queued_requests,
+                                  num_scheduler_steps=num_scheduler_steps),
         dtype=str(next(module.parameters()).dtype).removeprefix("torch."),
         device=str(next(module.parameters()).device), enforce_eager=enforce_eager, seed=seed)
     return LLMEngine(module, config, tokenizer=tokenizer)

@@ -165,8 +165,11 @@ class LLMEngine:
         torch.cuda.empty_cache()
         graph_reserve = 0
         if not self.config.enforce_eager:
-            largest = default_buckets(self.config.scheduler.max_num_seqs)[-1]
-            graph_reserve = int(activations * min(1.0, largest / n_tok)) + 64 * 2**20
+            # the pool holds one largest-bucket step of activations (shared) plus every
+            # bucket's logits output (bf16 and fp32 copies), and cuBLAS's workspace
+            buckets = default_buckets(self.config.scheduler.max_num_seqs)
+            logits = sum(buckets) * self.model.cfg.vocab_size * 6
+            graph_reserve = int(activations * min(1.0, buckets[-1] / n_tok)) + logits + 96 * 2**20
         total = torch.cuda.get_device_properties(dev).total_memory
         budget = int(total * self.config.cache.gpu_memory_utilization) - weights - activations - graph_reserve
         logger.info("memory profile: weights %.2f GiB, activation peak %.2f GiB, graph reserve "
@@ -288,7 +291,12 @@ class LLMEngine:
             if req.request_id in result.prompt_logprobs and group.prompt_logprobs is not None:
                 group.prompt_logprobs.extend(result.prompt_logprobs[req.request_id])
             lp = result.logprobs.get(req.request_id)
-            n_new = req.num_output_tokens - seq.num_tokens_seen
+            has_new = req.num_output_tokens > seq.num_tokens_seen
+            hit = seq.advance(req.output_token_ids, [lp] if lp is not None and has_new else [],
+                              req.status.finish_reason, req.stop_reason)
+            if hit is not None and not req.is_finished:
+                self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED)
+            n_new = len(seq.out.token_ids_delta)       # after a stop string cut a round short
             if n_new:
                 st.generation_tokens += n_new
                 if group.first_token_time is None:
@@ -296,12 +304,9 @@ class LLMEngine:
                     st.ttfts.append(now - group.arrival_time)
                 last = group.last_token_time.get(req.request_id)
                 if last is not None:
-                    st.itls.append(now - last)
+                    # a multi-step round delivers n_new tokens at once: spread the gap
+                    st.itls.extend([(now - last) / n_new] * n_new)
                 group.last_token_time[req.request_id] = now
-            hit = seq.advance(req.output_token_ids, [lp] if lp is not None and n_new else [],
-                              req.status.finish_reason, req.stop_reason)
-            if hit is not None and not req.is_finished:
-                self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED)
         outs = [self._output(g, now) for g in touched.values()]
         st.step_durations.append(time.monotonic() - t0)
         st.step_tokens.append(sched.num_tokens)

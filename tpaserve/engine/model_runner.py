@@ -49,6 +49,8 @@ class ModelRunner:
             self.generators.pop(rid, None)
         if not sched.requests:
             return RunnerOutput(sampled={})
+        if sched.num_steps > 1:
+            return self._execute_round(sched)
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -96,6 +98,58 @@ class ModelRunner:
         plp_logits = [(rid, self.model.compute_logits(hidden[rows]), targets, top)
                       for rid, rows, targets, top in plp]
         return self._sample(sched, logits, plp_logits)
+
+    def _execute_round(self, sched: SchedulerOutput) -> RunnerOutput:
+        """A multi-step decode round (see Scheduler): K = sched.num_steps steps; request i
+        samples n_i <= K tokens. Step t computes position start_i + t for every request
+        with t < n_i, from the token step t - 1 sampled (on the device, no host sync); the
+        K x B samples come back in one copy at the end. Requests done early (n_i < K) drop
+        out of the later steps' sampling (a graph replay still carries their row, with no
+        cache slot), so their seeded generators draw exactly what single steps would."""
+        reqs = sched.requests
+        K, B, bs, dev = sched.num_steps, len(reqs), self.block_size, self.device
+        n = [r.num_steps for r in reqs]
+        # host metadata of every step (K, B): padding rows repeat their last real position
+        pos = [[r.start_pos + min(t, ni - 1) for r, ni in zip(reqs, n)] for t in range(K)]
+        slots = [[r.block_ids[p // bs] * bs + p % bs if t < ni else -1
+                  for r, ni, p in zip(reqs, n, pos[t])] for t in range(K)]
+        lens = [[p + 1 for p in pos[t]] for t in range(K)]
+        rows = [SamplingRow(params=r.params, prompt_token_ids=r.prompt_token_ids,
+                            output_token_ids=(),
+                            generator=self._generator(r.request_id, r.params.seed))
+                for r in reqs]
+        use_graph = self.graphs is not None and B <= self.graphs.max_batch
+        meta = torch.tensor([pos, slots], dtype=torch.int64).to(dev, non_blocking=True)  # (2, K, B)
+        lens_d = torch.tensor(lens, dtype=torch.int32).to(dev, non_blocking=True)        # (K, B)
+        if use_graph:
+            self.graphs.prepare([r.block_ids for r in reqs])
+        else:
+            max_blocks = max(len(r.block_ids) for r in reqs)
+            tables = torch.tensor([r.block_ids + [0] * (max_blocks - len(r.block_ids))
+                                   for r in reqs], dtype=torch.int32, device=dev)
+            qsl = torch.arange(B + 1, dtype=torch.int32, device=dev)
+        ids = torch.tensor([r.token_ids[0] for r in reqs], dtype=torch.int64, device=dev)
+        sampled = []
+        for t in range(K):
+            if use_graph:
+                logits = self.graphs.replay(ids, meta[0, t], meta[1, t], lens_d[t])
+            else:
+                step = StepMetadata(slot_mapping=meta[1, t], query_start_loc=qsl,
+                                    seq_lens=lens_d[t], block_tables=tables, max_query_len=1,
+                                    max_seq_len=max(lens[t]))
+                hidden = self.model(ids, meta[0, t], PagedAttention(self.cache, step, self.ops,
+                                                                    self.workspace), kernels=False)
+                logits = self.model.compute_logits(hidden)                         # (B, V)
+            live = [i for i in range(B) if t < n[i]]
+            if len(live) == B:
+                ids = self.sampler.sample_ids(logits, rows)
+            else:
+                ids = ids.clone()
+                ids[live] = self.sampler.sample_ids(logits[live], [rows[i] for i in live])
+            sampled.append(ids)
+        toks = torch.stack(sampled).cpu().tolist()       # (K, B); .cpu() waits without the GIL
+        return RunnerOutput(sampled={r.request_id: [toks[t][i] for t in range(n[i])]
+                                     for i, r in enumerate(reqs)})
 
     def _sample(self, sched: SchedulerOutput, logits: torch.Tensor | None, plp) -> RunnerOutput:
         out = RunnerOutput(sampled={})

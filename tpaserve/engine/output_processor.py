@@ -68,15 +68,24 @@ class SequenceState:
         o = self.out
         new = output_ids[self.num_tokens_seen:]
         self.num_tokens_seen = len(output_ids)
-        o.token_ids_delta, o.logprobs_delta, o.text_delta = list(new), list(logprobs), ""
+        hit, text = None, ""
+        if self.detok is not None and new:
+            if self.stops.stops and len(new) > 1:
+                # several tokens at once (multi-step decode): a stop string ends the output
+                # at the token that completes it, so feed them one at a time
+                for i, tok in enumerate(new):
+                    part, hit = self.stops.feed(self.detok.step([tok]))
+                    text += part
+                    if hit is not None:
+                        new, logprobs = new[:i + 1], logprobs[:i + 1]
+                        break
+            else:
+                text, hit = self.stops.feed(self.detok.step(new))
+        o.token_ids_delta, o.logprobs_delta, o.text_delta = list(new), list(logprobs), text
         o.token_ids.extend(new)
         if o.logprobs is not None:
             o.logprobs.extend(logprobs)
             o.cumulative_logprob += sum(lp for lp, _ in logprobs)
-        hit = None
-        if self.detok is not None and new:
-            text, hit = self.stops.feed(self.detok.step(new))
-            o.text_delta += text
         if hit is not None:
             o.finish_reason, o.stop_reason = "stop", hit
         elif finish_reason is not None:

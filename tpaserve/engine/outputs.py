@@ -31,6 +31,9 @@ class ScheduledRequest:
     # score prompt positions p = prompt_logprobs_from .. min(start_pos + n, n_prompt - 1),
     # each from the row of position p - 1 (in this chunk); None: no prompt logprobs
     prompt_logprobs_from: int | None = None
+    # multi-step decode: tokens to sample back to back (each step's input is the previous
+    # step's sample, fed on the device); block_ids cover them all. 1 = an ordinary step.
+    num_steps: int = 1
 
     @property
     def num_tokens(self) -> int:
@@ -45,12 +48,19 @@ class SchedulerOutput:
 
     @property
     def num_tokens(self) -> int:
-        return sum(r.num_tokens for r in self.requests)
+        """Tokens computed: a multi-step request computes num_steps positions."""
+        return sum(r.num_tokens + r.num_steps - 1 for r in self.requests)
+
+    @property
+    def num_steps(self) -> int:
+        """Model steps this output runs: > 1 only for a multi-step decode (see Scheduler)."""
+        return max((r.num_steps for r in self.requests), default=1)
 
 
 @dataclass(frozen=True)
 class RunnerOutput:
-    sampled: dict[str, int]                                  # request id -> new token id
+    # request id -> new token id; a list of num_steps ids for a multi-step request
+    sampled: dict[str, int | list[int]]
     logprobs: dict[str, Logprob] = field(default_factory=dict)
     # request id -> logprob entries of prompt tokens at consecutive positions, starting at
     # ScheduledRequest.prompt_logprobs_from (entry for position p scores token p given < p)

@@ -80,13 +80,7 @@ class Sampler:
         assert logits.dim() == 2 and logits.size(0) == len(rows), (logits.shape, len(rows))
         assert logits.size(1) >= self.vocab_size, (logits.shape, self.vocab_size)
         raw = logits[:, :self.vocab_size]                                    # (B, V) view
-        x = self.process(raw, rows)                                          # (B, V) fp32
-
-        tokens = x.argmax(dim=-1)                                            # (B,)
-        sample_idx = [i for i, r in enumerate(rows) if not r.params.greedy]
-        if sample_idx:
-            tokens[sample_idx] = self._sample(x[sample_idx], [rows[i] for i in sample_idx])
-        token_ids = tokens.tolist()
+        token_ids = self.sample_ids(raw, rows).cpu().tolist()   # .cpu() waits without the GIL
 
         want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         if not want:
@@ -98,10 +92,25 @@ class Sampler:
             out[i] = (chosen, top[:rows[i].params.logprobs])
         return SamplerOutput(token_ids, out)
 
+    def sample_ids(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """logits (B, V_pad) -> next token ids (B,) int64 on the logits' device, without
+        waiting for the device (multi-step decode feeds them to the next step as they are)."""
+        x = self.process(logits[:, :self.vocab_size], rows)                 # (B, V) fp32
+        sample_idx = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if len(sample_idx) == len(rows):
+            return self._sample(x, rows)
+        tokens = x.argmax(dim=-1)                                            # (B,)
+        if sample_idx:
+            tokens[sample_idx] = self._sample(x[sample_idx], [rows[i] for i in sample_idx])
+        return tokens
+
     def process(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """The logit processors before greedy/temperature: logit_bias, min_tokens,
         repetition, presence and frequency penalties. logits (B, V) -> new (B, V) fp32."""
-        x = logits[:, :self.vocab_size].float().clone()                      # (B, V)
+        x = logits[:, :self.vocab_size].float()                              # (B, V)
+        if not any(_has_processors(r) for r in rows):
+            return x                          # nothing writes to it: no copy
+        x = x.clone()
         dev = x.device
         # Logit bias and min_tokens both touch a few (row, token) cells: gather them in Python
         # (they are request metadata) and write them with one indexed op each.
@@ -193,6 +202,12 @@ class Sampler:
                 generator=self._generator(dev))
         # q == 0 would turn a zero probability into 0/0 = NaN, which argmax would pick.
         return q.clamp_min_(torch.finfo(q.dtype).tiny)
+
+
+def _has_processors(row: SamplingRow) -> bool:
+    p = row.params
+    return bool(p.logit_bias or p.min_tokens or p.repetition_penalty != 1.0
+                or p.presence_penalty or p.frequency_penalty)
 
 
 def _flat_tokens(rows: list[SamplingRow], which: list[int],

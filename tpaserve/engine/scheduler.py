@@ -11,6 +11,15 @@ get a block, the newest / lowest-priority running request is preempted: its bloc
 freed and it goes back to the head of the waiting queue with its output tokens kept, to
 be recomputed (nothing a client was promised is lost; greedy outputs do not change).
 
+Multi-step decode (config.num_scheduler_steps = k > 1): when nothing waits and every
+scheduled request only decodes plainly (one token, no logprobs, no sampler knob that reads
+the output history), the step becomes a round of up to k decode steps. Each request gets
+slots for min(k, tokens it may still produce) positions up front; the runner feeds each
+step's samples to the next on the device and returns them all at once; `update` appends
+them one by one and stops at the first stop condition, dropping the rest. Outputs are the
+same tokens ordinary steps would give (seeded generators draw the same noise); the host
+cost of a round is paid once, and a new request waits at most one round.
+
 Invariant after every public call: each live request is in exactly one of `waiting` and
 `running`, holds blocks iff it is running, and `requests` holds exactly the live ones.
 """
@@ -141,9 +150,34 @@ class Scheduler:
             scheduled[req.request_id] = n
             budget -= n
 
-        out = [self._scheduled(self.requests[rid], n) for rid, n in scheduled.items()]
+        steps = self._extend_decode(scheduled) if not preempted and not self.waiting else {}
+        out = [self._scheduled(self.requests[rid], n, steps.get(rid, 1))
+               for rid, n in scheduled.items()]
         finished, self.finished_ids = self.finished_ids, []
         return SchedulerOutput(requests=out, preempted_ids=preempted, finished_ids=finished)
+
+    def _extend_decode(self, scheduled: dict[str, int]) -> dict[str, int]:
+        """Turn a step where every request decodes one token into a multi-step round:
+        request id -> tokens to sample (>= 1), with the extra slots allocated. Empty when
+        the step does not qualify. A request whose extra blocks do not fit samples once."""
+        k = self.config.num_scheduler_steps
+        if k == 1 or not scheduled:
+            return {}
+        reqs = [self.requests[rid] for rid in scheduled]
+        for req, n in zip(reqs, scheduled.values()):
+            if (n != 1 or req.num_computed_tokens + 1 != req.num_tokens or req.max_tokens == 0
+                    or req.wants_prompt_logprobs or req.params.logprobs is not None
+                    or _needs_history(req)):
+                return {}
+        steps = {}
+        for req in reqs:
+            r = min(k, req.max_tokens - req.num_output_tokens,
+                    self.max_model_len - req.num_tokens)
+            if r > 1 and not self.blocks.allocate(req.request_id, req.token_ids,
+                                                  req.num_tokens, r - 1):
+                r = 1
+            steps[req.request_id] = max(r, 1)
+        return steps
 
     def _reusable_blocks(self, req: Request) -> tuple[list[int] | None, int, bool]:
         """Blocks a waiting request can adopt instead of computing, the tokens they hold,
@@ -178,7 +212,7 @@ class Scheduler:
         self.num_preemptions += 1
         self._enqueue(req, front=True)
 
-    def _scheduled(self, req: Request, n: int) -> ScheduledRequest:
+    def _scheduled(self, req: Request, n: int, num_steps: int = 1) -> ScheduledRequest:
         start = req.num_computed_tokens
         sample = start + n == req.num_tokens and req.max_tokens > 0
         plp = None
@@ -191,7 +225,7 @@ class Scheduler:
             block_ids=self.blocks.table(req.request_id), sample=sample, params=req.params,
             prompt_token_ids=req.prompt_token_ids,
             output_token_ids=req.output_token_ids if sample and _needs_history(req) else [],
-            eos_token_id=req.eos_token_id, prompt_logprobs_from=plp)
+            eos_token_id=req.eos_token_id, prompt_logprobs_from=plp, num_steps=num_steps)
 
     # ---- results -------------------------------------------------------------------------
     def update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[Request]:
@@ -207,8 +241,18 @@ class Scheduler:
                 got = len(result.prompt_logprobs.get(s.request_id, []))
                 req.num_prompt_logprobs_done = s.prompt_logprobs_from + got
             status = None
-            if s.sample:
-                tok = result.sampled[s.request_id]
+            got = result.sampled.get(s.request_id) if s.sample else None
+            if isinstance(got, list):               # a multi-step round's samples
+                # position start_pos + i was computed to sample token i + 1 of the round
+                for i, tok in enumerate(got[:s.num_steps]):
+                    req.token_ids.append(tok)
+                    req.num_computed_tokens = s.start_pos + i + 1
+                    status = self._stop_status(req, tok)
+                    if status is not None:
+                        break
+                self.blocks.register(req.request_id, req.token_ids, req.num_computed_tokens)
+            elif s.sample:
+                tok = got
                 req.token_ids.append(tok)
                 status = self._stop_status(req, tok)
             elif req.max_tokens == 0 and req.num_computed_tokens >= req.num_prompt_tokens:
