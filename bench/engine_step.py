@@ -111,13 +111,17 @@ def kernel_census(eng, batch: int) -> dict:
                 top=[(k[:70], count[k], round(us[k], 1)) for k in top])
 
 
-def time_decode(model: T6, variant: str, batch: int, eager: bool, ctx: int, steps: int) -> dict:
+def time_decode(model: T6, variant: str, batch: int, eager: bool, ctx: int, steps: int,
+                round_steps: int = 1) -> dict:
+    """round_steps > 1: multi-step rounds; each engine.step() then makes round_steps tokens
+    per request and the row reports time per token step (step time / round_steps)."""
     ctxm = unfused(model) if variant == "base" else contextlib.nullcontext()
     with ctxm:
-        eng = build_engine(model, num_blocks=batch * (ctx // 16 + 40) + 64, block_size=16,
+        eng = build_engine(model, num_blocks=batch * (ctx // 16 + 40 + round_steps * (steps + 4) // 16)
+                           + 64, block_size=16,
                            max_num_batched_tokens=max(2048, ctx), max_num_seqs=max(batch, 1),
-                           enforce_eager=eager)
-    p = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+                           enforce_eager=eager, num_scheduler_steps=round_steps)
+    p = SamplingParams(temperature=0, max_tokens=round_steps * (steps + 4) + 8, ignore_eos=True)
     rng = random.Random(1)
     for i in range(batch):
         eng.add_request(str(i), [rng.randrange(50257) for _ in range(ctx)], p)
@@ -134,9 +138,9 @@ def time_decode(model: T6, variant: str, batch: int, eager: bool, ctx: int, step
         eng.step()              # returns after sampling: .tolist() syncs the device
         times.append(time.perf_counter() - t)
     row = dict(variant=variant, batch=batch, ctx=ctx, eager=eager,
-               max_model_len=eng.max_model_len,
-               step_ms_median=1e3 * statistics.median(times),
-               step_ms_p90=1e3 * sorted(times)[int(0.9 * len(times))])
+               max_model_len=eng.max_model_len, round_steps=round_steps,
+               step_ms_median=1e3 * statistics.median(times) / round_steps,
+               step_ms_p90=1e3 * sorted(times)[int(0.9 * len(times))] / round_steps)
     g = eng.runner.graphs
     if g is not None and batch in g.graphs:
         graph, _ = g.graphs[g.bucket_for(batch)]
@@ -182,25 +186,30 @@ def main() -> None:
     if not args.no_correctness:
         res["correctness"] = check_correctness(args.quick)
         print("correctness:", res["correctness"], flush=True)
-    specs = [(v, int(b), m == "eager") for v, b, m in (r.split(":") for r in args.rows.split(","))]
+    # mode: graphs | eager | graphsK (graphs, multi-step rounds of K decode steps)
+    specs = [(v, int(b), m == "eager", int(m[6:] or 1) if m.startswith("graphs") else 1)
+             for v, b, m in (r.split(":") for r in args.rows.split(","))]
     specs.sort(key=lambda s: s[0] != "base")   # fusing is in place: unfused rows first
     base = make_model(ModelConfig(**MEDIUM))
     rows = []
-    for variant, batch, eager in specs:
+    for variant, batch, eager, round_steps in specs:
         model = base          # fused rows fuse it in place (build_engine); base rows ran first
         rows.append(time_decode(model, variant, batch, eager,
-                                ctx=512 if args.quick else 1024, steps=30))
+                                ctx=512 if args.quick else 1024, steps=30,
+                                round_steps=round_steps))
         print(rows[-1], flush=True)
         res["decode"] = rows
         with open(os.path.join(args.out, "engine_step.json"), "w") as f:
             json.dump(res, f, indent=1)
-    print("\n| variant | batch | context | mode | engine step median (ms) | p90 | graph replay "
-          "(ms) | kernels/layer |")
+    print("\n| variant | batch | context | mode | engine step median (ms per token step) | p90 "
+          "| graph replay (ms) | kernels/layer |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         k = r.get("census", {}).get("kernels_per_layer", float("nan"))
+        mode = "eager" if r["eager"] else "graphs" if r["round_steps"] == 1 else \
+            f"graphs, rounds of {r['round_steps']}"
         print(f"| {r['variant']} | {r['batch']} | {r['ctx']} | "
-              f"{'eager' if r['eager'] else 'graphs'} | {r['step_ms_median']:.3f} | "
+              f"{mode} | {r['step_ms_median']:.3f} | "
               f"{r['step_ms_p90']:.3f} | {r.get('graph_replay_ms', float('nan')):.3f} | {k:.1f} |")
     for r in rows:
         if "census" in r:

@@ -37,11 +37,15 @@ def test_kernels_and_graphs_match_reference_engine(q_rank):
                for _ in range(20)]
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     kw = dict(num_blocks=1024, block_size=16, max_num_batched_tokens=256, max_num_seqs=24)
-    fast = build_engine(model, **kw)
+    fast = build_engine(model, **kw)           # CUDA defaults: graphs, multi-step rounds
     assert fast.runner.graphs is not None and fast.runner.ops is not TorchOps
-    ref = build_engine(model, enforce_eager=True, **kw)
+    assert fast.config.scheduler.num_scheduler_steps > 1
+    rounds, execute = [], fast.runner.execute
+    fast.runner.execute = lambda s: rounds.append(s.num_steps) or execute(s)
+    ref = build_engine(model, enforce_eager=True, num_scheduler_steps=1, **kw)
     ref.runner.ops = TorchOps
     a, b = _run(fast, prompts, params), _run(ref, prompts, params)
+    assert max(rounds) > 1
     agree = sum(x == y for x, y in zip(a, b))
     assert agree >= len(prompts) - 1, f"{agree}/{len(prompts)} identical"
     assert fast.blocks.num_free == fast.blocks.num_blocks
