@@ -194,6 +194,9 @@ class Sampler:
         per-row loop, and unavoidable); the others in one draw from the sampler's."""
         q = torch.empty(len(rows), v, device=dev)
         unseeded = [i for i, r in enumerate(rows) if r.generator is None]
+        if len(unseeded) == len(rows):              # the common case: one draw, no indexing
+            return q.exponential_(generator=self._generator(dev)).clamp_min_(
+                torch.finfo(q.dtype).tiny)
         for i, r in enumerate(rows):
             if r.generator is not None:      # torch itself rejects a generator on another device
                 q[i].exponential_(generator=r.generator)
