@@ -5,14 +5,15 @@ import pytest
 import torch
 
 from tests.kernels.paged_case import TOL, make_case, rel_err
-from tpaserve.kernels.prefill import prefill_attention
+from tpaserve.kernels.prefill import PrefillConfig, prefill_attention
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _prefill(c):
+def _prefill(c, config=None):
     out = torch.full_like(c.q, float("nan"))
-    return prefill_attention(c.q, *c.caches(), *c.metadata(), c.max_query_len, out=out)
+    return prefill_attention(c.q, *c.caches(), *c.metadata(), c.max_query_len, out=out,
+                             config=config)
 
 
 CASES = [  # (lens, n_queries, h, d_h, R_K, R_V, block_size, dtype)
@@ -46,9 +47,11 @@ def test_prefill_batched_equals_per_request():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_prefill_t6_medium_bf16():
+@pytest.mark.parametrize("config", [None, PrefillConfig(64, 64, 4, 3), PrefillConfig(128, 64, 8, 3),
+                                    PrefillConfig(64, 32, 4, 2)])
+def test_prefill_t6_medium_bf16(config):
     # a 512-token chunk after a 3.5K prefix, a whole 1000-token prompt and two decode rows
     c = make_case([4096, 1000, 32768, 17], [512, 1000, 1, 1], 47, 64, 2, 2, 16,
                   torch.bfloat16, "cuda", seed=13)
-    err = rel_err(_prefill(c), c.reference())
+    err = rel_err(_prefill(c, config=config), c.reference())
     assert err < TOL[torch.bfloat16], f"relative error {err:.2e}"

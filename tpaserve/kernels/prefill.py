@@ -2,11 +2,18 @@
 L-n .. L-1, against its cached prefix plus causally within the chunk. Everything is read
 from the factor cache after the step's store, so K/V are never rebuilt for the context.
 
-For one head h, a tile of BLOCK_M queries and BLOCK_N cache positions (per rank, tensor cores):
-    logit (M, N)  = scale / R_K * sum_s (q_h (M, d) @ B_K[:, s]^T (d, N)) * A_K[:, h, s][None, :]
-    acc (M, d)   += sum_u (p * A_V[:, h, u][None, :]) (M, N) @ B_V[:, u] (N, d)
-then out = acc / l / R_V. Grid (query block, head, sequence); programs past a sequence's
-chunk exit at once. Position tiles past the block's last query are never visited.
+For one head h, a tile of BLOCK_M queries and BLOCK_N cache positions: the tile's keys and
+values of head h are formed in registers from the factors (R FMAs per element, CUDA cores),
+then one tensor-core product each, as in FlashAttention:
+    K_h (N, d) = sum_s A_K[:, h, s][:, None] * B_K[:, s]      V_h likewise from A_V, B_V
+    logit (M, N) = scale / R_K * q_h (M, d) @ K_h^T           acc (M, d) += p (M, N) @ V_h
+then out = acc / l / R_V. (The decode kernel instead multiplies per rank, because its M is
+the heads; here M is the queries of one head, and forming K_h halves the tensor-core work:
+2048 queries x 32K context, one layer: 12.8 -> 5.9 ms at the same tiles, 4.4 with the
+tuned ones; docs/kernel_notes.md "Prefill".)
+K_h and V_h are rounded to the cache dtype for the products, as a materialised cache would
+be. Grid (query block, head, sequence); programs past a sequence's chunk exit at once.
+Position tiles past the block's last query are never visited.
 """
 from __future__ import annotations
 
@@ -58,13 +65,14 @@ def _prefill_kernel(
         blk = tl.load(bt_row + pos // BS, mask=tok_ok, other=0)
         slot = blk.to(tl.int64) * BS + pos % BS
         b_mask = tok_ok[:, None] & b_mask_d
-        s_mn = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        k = tl.zeros([BLOCK_N, D_PAD], tl.float32)
         for s in tl.static_range(R_K):
             bk = tl.load(bk_ptr + slot[:, None] * (R_K * D) + s * D + offs_d[None, :],
                          mask=b_mask, other=0.0)                        # (N, D_PAD)
             ak_s = tl.load(ak_ptr + slot * (H * R_K) + h * R_K + s, mask=tok_ok,
                            other=0.0).to(tl.float32)                    # (N,)
-            s_mn += tl.dot(q, tl.trans(bk)) * ak_s[None, :]
+            k += bk.to(tl.float32) * ak_s[:, None]
+        s_mn = tl.dot(q, tl.trans(k.to(q.dtype)))                       # (M, N)
         causal = (pos[None, :] <= qpos[:, None]) & tok_ok[None, :]
         logits = tl.where(causal, s_mn * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
@@ -75,12 +83,14 @@ def _prefill_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
         m_i = m_new
+        vt = tl.zeros([BLOCK_N, D_PAD], tl.float32)
         for u in tl.static_range(R_V):
             bv = tl.load(bv_ptr + slot[:, None] * (R_V * D) + u * D + offs_d[None, :],
-                         mask=b_mask, other=0.0)
+                         mask=b_mask, other=0.0)                        # (N, D_PAD)
             av_u = tl.load(av_ptr + slot * (H * R_V) + h * R_V + u, mask=tok_ok,
-                           other=0.0).to(tl.float32)
-            acc = tl.dot((p * av_u[None, :]).to(bv.dtype), bv, acc)
+                           other=0.0).to(tl.float32)                    # (N,)
+            vt += bv.to(tl.float32) * av_u[:, None]
+        acc = tl.dot(p.to(q.dtype), vt.to(q.dtype), acc)                # (M, D_PAD)
     inv_l = out_scale / tl.where(l_i > 0, l_i, 1.0)    # l = 0: no context, acc = 0
     o = acc * inv_l[:, None]
     tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
@@ -96,7 +106,19 @@ class PrefillConfig:
 
 
 _INTERPRET_CONFIG = PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
-_GPU_CONFIG = PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+
+
+def prefill_config(max_query_len: int) -> PrefillConfig:
+    """Measured on the H200 (T6-medium, bf16, bench/prefill.py; ms per layer call):
+        2048 x 32K: (128, 64, 8 warps, 3 st) 4.36; (128, 64, 4, 3) 5.09; (64, 64, 4, 3) 5.93;
+                    (128, 128, 8, 3) 6.10; (64, 32, 4, 3) 6.81
+        512 x 4K:   (64, 64, 4, 3) 0.19; (128, 64, 8, 3) 0.20; (64, 32, 4, 3) 0.29
+    Short chunks keep 64-row blocks (a 128-row block of 20 queries is mostly padding)."""
+    if v.INTERPRET:
+        return _INTERPRET_CONFIG
+    if max_query_len > 64:
+        return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    return PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
 
 
 def prefill_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Tensor,
@@ -117,7 +139,7 @@ def prefill_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.T
     out = v.output(out, q)
     if batch == 0 or max_query_len <= 0:
         return out
-    cfg = config or (_INTERPRET_CONFIG if v.INTERPRET else _GPU_CONFIG)
+    cfg = config or prefill_config(max_query_len)
     scale = 1.0 / math.sqrt(d_h) if scale is None else float(scale)
     grid = (triton.cdiv(max_query_len, cfg.block_m), h, batch)
     _prefill_kernel[grid](
