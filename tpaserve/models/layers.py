@@ -6,8 +6,9 @@ reproduce with them (parameter-free RMSNorm with torch's default eps, half-split
 rotating by -theta).
 
 `kernels=True` (the model sets it on CUDA) routes the elementwise tails through the Triton
-kernels of kernels/fused.py; `kernels=False` is plain torch and computes what the model
-always computed.
+kernels of kernels/fused.py, and the per-layer GEMMs through kernels/linear.py's skinny GEMM
+where its use_skinny rule says it beats cuBLAS (decode batches); `kernels=False` is plain
+torch and computes what the model always computed.
 """
 from __future__ import annotations
 
@@ -28,6 +29,16 @@ def fused_ops():
     """kernels/fused.py, imported on first use (it needs triton; CPU-only paths never do)."""
     from tpaserve.kernels import fused
     return fused
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, kernels: bool) -> torch.Tensor:
+    """x (T, d_in) @ weight (d_out, d_in)^T: the skinny-GEMM kernel (kernels/linear.py) when
+    `kernels` and its use_skinny rule pick it, else F.linear."""
+    if kernels:
+        from tpaserve.kernels import linear as skinny
+        if skinny.use_skinny(x.shape[0], weight.shape[0], weight.shape[1]):
+            return skinny.linear(x, weight)
+    return F.linear(x, weight)
 
 
 def add_rms_norm(x: torch.Tensor, y: torch.Tensor,
@@ -104,9 +115,9 @@ class FusedLinear:
     def intact(self) -> bool:
         return all(lin.weight.data_ptr() == p for lin, p in zip(self.linears, self._ptrs))
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, x: torch.Tensor, kernels: bool = False) -> list[torch.Tensor]:
         """(T, d_in) -> [(T, size_i)] column views of one (T, out_total) GEMM output."""
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight, kernels)
         return [y[:, off:off + n] for off, n in zip(self.offsets, self.sizes)]
 
 
@@ -129,11 +140,11 @@ class FusibleLinears(nn.Module):
     def is_fused(self) -> bool:
         return self._fused is not None and self._fused.intact()
 
-    def project(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def project(self, x: torch.Tensor, kernels: bool = False) -> list[torch.Tensor]:
         # Under autograd the separate Linears run: the fused weight is a plain tensor that
         # would route no gradient to the parameters.
         if self._fused is not None and not torch.is_grad_enabled() and self._fused.intact():
-            return self._fused(x)
+            return self._fused(x, kernels)
         return [lin(x) for lin in self._fusible()]
 
     def _apply(self, fn, recurse=True):
@@ -159,6 +170,6 @@ class SwiGLU(FusibleLinears):
         return [self.c_fc1, self.c_fc2]
 
     def forward(self, x: torch.Tensor, kernels: bool = False) -> torch.Tensor:
-        gate, up = self.project(x)                                  # (T, hidden) each
+        gate, up = self.project(x, kernels)                         # (T, hidden) each
         hidden = fused_ops().silu_mul(gate, up) if kernels else F.silu(gate) * up
-        return self.c_proj(hidden)
+        return linear(hidden, self.c_proj.weight, kernels)

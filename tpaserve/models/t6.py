@@ -11,6 +11,8 @@ weights become views of the fused weight; state_dict unchanged), and on CUDA the
 elementwise tails are Triton kernels (kernels/fused.py): query formation with RoPE,
 silu(a) * b, and residual add + RMSNorm in one pass. The residual stream is carried with
 its norm, so each add is fused with the norm that follows it (the final norm included).
+With kernels on, the per-layer GEMMs of decode-sized batches run as kernels/linear.py's
+skinny GEMM (use_skinny); lm_head stays on cuBLAS (already near bandwidth).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from tpaserve.config import ModelConfig
 from tpaserve.kernels.reference import query_ref
 from tpaserve.models.attention import AttentionBackend
 from tpaserve.models.layers import (FusibleLinears, Rotary, SwiGLU, add_rms_norm, fused_ops,
-                                    rms_norm)
+                                    linear, rms_norm)
 
 GROUPNORM_EPS = 1e-5
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -75,7 +77,7 @@ class TPAttention(nn.Module):
         cfg, T = self.cfg, x.size(0)
         h, dh = cfg.n_head, cfg.head_dim
         # column views of one GEMM's output once fused: token stride = its width
-        *qp, ak, bk, av, bv = self.c_qkv.project(x)
+        *qp, ak, bk, av, bv = self.c_qkv.project(x, kernels)
         if cfg.kv_only:
             xq = qp[0].view(T, h, dh)
             q = fused_ops().rope_queries(xq, cos, sin) if kernels else Rotary.apply(xq, cos, sin)
@@ -92,7 +94,7 @@ class TPAttention(nn.Module):
         y = attn(self.layer, q, ak, bk, av, bv, cos, sin)                        # (T, h, d_h)
         if self.subln is not None:
             y = self.subln(y)
-        return self.c_proj(y.reshape(T, h * dh))
+        return linear(y.reshape(T, h * dh), self.c_proj.weight, kernels)
 
 
 class Block(nn.Module):
