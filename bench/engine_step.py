@@ -167,6 +167,43 @@ def time_decode(model: T6, variant: str, batch: int, eager: bool, ctx: int, step
     return row
 
 
+def time_mixed(model: T6, batch: int = 64, ctx: int = 512, new: int = 2, reps: int = 6) -> dict:
+    """The step that admits `new` prompts of ctx tokens while `batch - new` requests decode
+    (what a concurrency-64 server does whenever requests finish and others arrive): an
+    eager step. Wall time of engine.step() and the device time of its kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    eng = build_engine(model, num_blocks=(batch + new * reps) * (ctx // 16 + 40) + 64,
+                       block_size=16, max_num_seqs=batch + new)
+    p = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
+    rng = random.Random(2)
+    prompt = lambda: [rng.randrange(50257) for _ in range(ctx)]     # noqa: E731
+    for i in range(batch - new):
+        eng.add_request(f"r{i}", prompt(), p)
+    while eng.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens
+                                       for r in eng.scheduler.requests.values()):
+        eng.step()
+    walls, device = [], []
+    for rep in range(reps + 1):                      # the first one compiles: not counted
+        for j in range(new):
+            eng.add_request(f"n{rep}.{j}", prompt(), SamplingParams(max_tokens=1, temperature=0))
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
+            eng.step()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t
+        if rep:
+            walls.append(1e3 * wall)
+            device.append(sum(e.time_range.elapsed_us() for e in prof.events()
+                              if str(e.device_type).endswith("CUDA")) / 1e3)
+        eng.step()                                   # finishes the admitted ones' max_tokens=1
+    row = dict(kind="mixed", batch=batch, new_prompts=new, ctx=ctx,
+               step_ms_median=statistics.median(walls), device_ms_median=statistics.median(device))
+    del eng
+    torch.cuda.empty_cache()
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -179,6 +216,8 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=MEDIUM["max_position"],
                     help="the model's context and the engine's max_model_len; CUDA graphs are "
                          "captured for it (the serving suite uses 33024)")
+    ap.add_argument("--mixed", action="store_true",
+                    help="also time mixed steps: 2 and 4 new 512-token prompts among 64 decoding")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     MEDIUM["max_position"] = args.max_model_len
@@ -199,6 +238,12 @@ def main() -> None:
                                 round_steps=round_steps))
         print(rows[-1], flush=True)
         res["decode"] = rows
+        with open(os.path.join(args.out, "engine_step.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    if args.mixed:
+        for new in (1, 2, 4):
+            res.setdefault("mixed", []).append(time_mixed(base, new=new))
+            print(res["mixed"][-1], flush=True)
         with open(os.path.join(args.out, "engine_step.json"), "w") as f:
             json.dump(res, f, indent=1)
     print("\n| variant | batch | context | mode | engine step median (ms per token step) | p90 "

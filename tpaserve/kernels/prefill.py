@@ -28,7 +28,9 @@ from tpaserve.kernels import _validate as v
 from tpaserve.kernels.decode import LOG2E
 
 
-@triton.jit
+# stride_bt (the block-table width) changes from step to step: not specialised on, so a new
+# width never costs a compile (~1 s under Triton 3.6) in the middle of serving
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q_ptr, ak_ptr, bk_ptr, av_ptr, bv_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
