@@ -43,3 +43,13 @@ def test_store_then_attend_matches_full_sequence():
     got = paged_attention(q[last], *caches, tables, seq_lens,
                           torch.tensor([0, 1, 2], dtype=torch.int32, device=DEV), 1, max(lens))
     torch.testing.assert_close(got, want[last], atol=1e-4, rtol=1e-4)
+
+
+def test_mixed_step_decode_rows_and_chunks():
+    """Decode rows (decode kernel) and prompt chunks (prefill kernel, which skips the
+    one-row sequences) in one call, with a sequence that has no query this step."""
+    from tests.kernels.paged_case import make_case, rel_err
+    for n_q in ([5, 1, 0, 1, 16], [1, 3, 1, 1, 1], [17, 1, 1, 2, 1]):
+        c = make_case([20, 11, 7, 30, 33], n_q, 5, 16, 2, 2, 8, torch.float32, DEV, seed=sum(n_q))
+        out = paged_attention(c.q, *c.caches(), *c.metadata(), c.max_query_len, c.max_seq_len)
+        assert rel_err(out, c.reference()) < 1e-4, n_q

@@ -1,9 +1,8 @@
 """The two entry points the engine calls per layer per step.
 
     store_factors(...)    write the step's factors into the paged cache (RoPE on B_K fused)
-    paged_attention(...)  attend the step's queries over the cache: the decode kernel when
-                          every sequence has one query (max_query_len == 1), else the
-                          extend/prefill kernel
+    paged_attention(...)  attend the step's queries over the cache: the decode kernel for
+                          sequences with one query, the extend/prefill kernel for chunks
 
 Both take sizes as Python ints from the scheduler and never read the GPU, so a step can be
 captured in a CUDA graph (pass `workspace`, sized by decode.workspace_numel, for decode).
@@ -26,9 +25,15 @@ def paged_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Ten
                     workspace: torch.Tensor | None = None) -> torch.Tensor:
     """q (T, h, d_h) -> (T, h, d_h): causal FlashTPA over the paged factor cache
     (reference.paged_attention_ref defines the result)."""
+    out = decode_attention(q, ak_cache, bk_cache, av_cache, bv_cache, block_tables,
+                           seq_lens, query_start_loc, max_seq_len, scale=scale,
+                           workspace=workspace)
     if max_query_len == 1:
-        return decode_attention(q, ak_cache, bk_cache, av_cache, bv_cache, block_tables,
-                                seq_lens, query_start_loc, max_seq_len, scale=scale,
-                                workspace=workspace)
+        return out
+    # A mixed step (decode rows + prompt chunks): the decode kernel above served the
+    # one-query sequences (its rows for the longer chunks are garbage: it treats row 0 of
+    # a chunk as the last position); the prefill kernel writes every row of the chunks.
+    # Decode rows in the prefill kernel would each run a 64-128-row query block.
     return prefill_attention(q, ak_cache, bk_cache, av_cache, bv_cache, block_tables, seq_lens,
-                             query_start_loc, max_query_len, scale=scale)
+                             query_start_loc, max_query_len, scale=scale, out=out,
+                             skip_single_rows=True)

@@ -37,6 +37,7 @@ def _prefill_kernel(
     qk_scale, out_scale,
     H: tl.constexpr, D: tl.constexpr, R_K: tl.constexpr, R_V: tl.constexpr,
     BS: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SKIP_SINGLE: tl.constexpr,    # sequences with one query row are left to the decode kernel
 ):
     mb = tl.program_id(0)
     h = tl.program_id(1)
@@ -44,6 +45,8 @@ def _prefill_kernel(
     q_start = tl.load(qsl_ptr + b)
     n = tl.load(qsl_ptr + b + 1) - q_start
     if mb * BLOCK_M >= n:
+        return
+    if SKIP_SINGLE and n == 1:
         return
     L = tl.load(seq_lens_ptr + b)
     rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)      # (M,) row within the chunk
@@ -128,12 +131,15 @@ def prefill_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.T
                       block_tables: torch.Tensor, seq_lens: torch.Tensor,
                       query_start_loc: torch.Tensor, max_query_len: int,
                       scale: float | None = None, out: torch.Tensor | None = None,
-                      config: PrefillConfig | None = None) -> torch.Tensor:
+                      config: PrefillConfig | None = None,
+                      skip_single_rows: bool = False) -> torch.Tensor:
     """Causal paged attention for chunks of queries (any n per sequence, decode rows too).
 
     q (T, h, d_h); sequence i owns rows query_start_loc[i]:query_start_loc[i+1], at
     positions seq_lens[i]-n_i .. seq_lens[i]-1. max_query_len: host bound on every n_i
     (rows past it are not computed). Returns (T, h, d_h) in q's dtype.
+    skip_single_rows: leave the rows of one-query sequences in `out` as they are (a mixed
+    step computes those with the decode kernel first, see ops.paged_attention).
     """
     _, bs, h, d_h, r_k, r_v = v.factor_caches(ak_cache, bk_cache, av_cache, bv_cache)
     batch = v.step_metadata(q, block_tables, seq_lens, query_start_loc, h, d_h,
@@ -149,6 +155,6 @@ def prefill_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.T
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         scale / r_k * LOG2E, 1.0 / r_v,
         H=h, D=d_h, R_K=r_k, R_V=r_v, BS=bs, D_PAD=v.next_pow2(d_h, 16),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SKIP_SINGLE=skip_single_rows,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
