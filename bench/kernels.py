@@ -8,6 +8,9 @@
           (--sweep, --sweep-small-warps: the wider sweeps of runs 1-2)
 --splits  split-K sweep for the heuristic in decode.py
 --launch  batch 1 x 4K launch cost only (also part of --table)
+--latency-grid  v6: batch 1 x 512 / 4K in CUDA graphs over merge, counter, split and tile
+          variants (graph1: one call a graph; x20: 20 calls in one graph, per call)
+--bw-variants   v6: T6-medium batch 16/64 x 32K/128K variants against the v5 config
 --ncu-target  launches for `ncu -k regex:_decode_kernel` (docs/kernel_notes.md)
 --table   batch {1,16,64,256} x context {1K,4K,32K,128K}, T6-medium (h 47, d_h 64, R 2)
           and the paper's shape (h 32, d_h 64, R 1), next to PyTorch SDPA decode for MHA
@@ -309,6 +312,123 @@ def launch_cost(configs):
     return dict(device_us=dev_t, wall_us=wall, graph_us=graph_t)
 
 
+def _graph_us(fn, calls: int, n: int = 300) -> float:
+    """Device-side us per call: `calls` back-to-back calls captured in one CUDA graph (as the
+    engine's decode step holds 24 layers), replayed n times, timed with CUDA events. With
+    calls = 1 this is the `--launch` graph-replay number (launch gaps included)."""
+    st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(st):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(st)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    for _ in range(10):
+        g.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(n):
+        g.replay()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) * 1e3 / n / calls
+
+
+def _rel(out, want):
+    return ((out.float().cpu().double() - want.double()).norm() / want.double().norm()).item()
+
+
+def latency_grid():
+    """v6: batch 1 at 512 and 4K in CUDA graphs: counter memset vs self-resetting counters,
+    pipelined merge (stages, splits a step), block-table prefetch, splits, min_split, warps;
+    `nomerge` is a probe (partials only, wrong output) that bounds what the merge costs."""
+    s = SHAPES["t6-medium"]
+    C = dec.DecodeConfig
+    base = dict(head_block=16, block_n=16, num_warps=2, num_stages=3)
+    V = [  # name, config, num_splits, memset before every launch
+        ("v5 loop+memset S32 ms64", C(**base), 32, True),
+        ("bt16 sb2 S32", C(**base, bt_prefetch=16), 32, False),
+        ("bt16 sb4 S32", C(**base, bt_prefetch=16, merge_sb=4), 32, False),
+        ("bt16 sb8 S32", C(**base, bt_prefetch=16, merge_sb=8), 32, False),
+        ("bt16 sb16 S32", C(**base, bt_prefetch=16, merge_sb=16), 32, False),
+        ("bt16 sb32 S32", C(**base, bt_prefetch=16, merge_sb=32), 32, False),
+        ("bt16 sb8 S16", C(**base, bt_prefetch=16, merge_sb=8), 16, False),
+        ("bt16 sb8 S64", C(**base, bt_prefetch=16, merge_sb=8), 64, False),
+        ("bt16 sb8 S32 ms32", C(**base, bt_prefetch=16, merge_sb=8, min_split=32), 32, False),
+        ("bt16 sb16 S64 ms32", C(**base, bt_prefetch=16, merge_sb=16, min_split=32), 64,
+         False),
+        ("4w bt16 sb8 S32", C(16, 16, 4, 3, bt_prefetch=16, merge_sb=8), 32, False),
+        ("4w bt16 sb16 S32", C(16, 16, 4, 3, bt_prefetch=16, merge_sb=16), 32, False),
+        ("4w bt16 sb16 S64", C(16, 16, 4, 3, bt_prefetch=16, merge_sb=16), 64, False),
+        ("1w bt16 sb8 S32", C(16, 16, 1, 3, bt_prefetch=16, merge_sb=8), 32, False),
+    ]
+    rows = []
+    for L in (512, 4096):
+        p = Paged(1, L, s["h"], s["d"], s["rk"], s["rv"])
+        want = paged_attention_ref(*[t.cpu() for t in (p.q, *p.caches(), p.tables, p.seq_lens,
+                                                       p.qsl)])
+        ws = dec.make_workspace(1, s["h"], s["d"])
+        for name, cfg, S, memset in V:
+            dec._Counters.always_zero = memset
+            fn = lambda: p.run(config=cfg, num_splits=S, workspace=ws)
+            try:
+                out = p.q.new_full(p.q.shape, float("nan"))
+                for _ in range(3):       # repeated calls: self-reset counters stay valid
+                    out = p.run(config=cfg, num_splits=S, workspace=ws, out=out)
+                err = float("nan") if cfg.skip_merge else _rel(out, want)
+                before = _compiled()
+                fn()
+                regs = _regs_of(before)
+                t1 = _graph_us(fn, 1)
+                t20 = _graph_us(fn, 20, n=100)
+            except Exception as e:
+                log(f"  {name}: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            finally:
+                dec._Counters.always_zero = False
+            rows.append(dict(L=L, name=name, splits=S, graph1_us=t1, graph20_us=t20, err=err,
+                             regs=regs))
+            log(f"1 x {L:5d}  {name:32s} graph1 {t1:6.1f} us  in-graph x20 {t20:6.1f} us/call"
+                f"  err {err:.1e}  {regs}")
+        del p
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bandwidth_variants(copy_gbs):
+    """v6: T6-medium at batch >= 16 and long contexts: block-table prefetch against v5.
+    (Run 9 measured one program for all 47 heads here: 27-44% of copy, dropped.)"""
+    s = SHAPES["t6-medium"]
+    C = dec.DecodeConfig
+    V = [("v5 (16,16,1w,5st)", C(16, 16, 1, 5), None),
+         ("1w5st bt16", C(16, 16, 1, 5, bt_prefetch=16), None),
+         ("1w4st bt16", C(16, 16, 1, 4, bt_prefetch=16), None),
+         ("2w4st bt16", C(16, 16, 2, 4, bt_prefetch=16), None)]
+    rows = []
+    for B, L in ((64, 32768), (16, 32768), (64, 131072), (16, 131072)):
+        p = Paged(B, L, s["h"], s["d"], s["rk"], s["rv"])
+        for name, cfg, S in V:
+            S = S or dec.num_splits_for(B, s["h"], L, cfg, torch.device("cuda"))
+            try:
+                before = _compiled()
+                p.run(config=cfg, num_splits=S)
+                regs = _regs_of(before)
+                t = do_bench(lambda: p.run(config=cfg, num_splits=S), return_mode="median")
+            except Exception as e:
+                log(f"  {name}: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            pct = p.bytes / t / 1e6 / copy_gbs * 100
+            rows.append(dict(B=B, L=L, name=name, splits=S, us=t * 1e3, pct=pct, regs=regs))
+            log(f"{B:3d} x {L:6d}  {name:22s} S={S:3d} {t * 1e3:8.1f} us  {pct:5.1f}% copy  {regs}")
+        del p
+        torch.cuda.empty_cache()
+    return rows
+
+
 def table(copy_gbs, configs, quick: bool):
     batches = [16, 64] if quick else BATCHES
     contexts = [32768, 131072] if quick else CONTEXTS
@@ -382,6 +502,8 @@ def main():
     ap.add_argument("--sweep-small-warps", action="store_true")
     ap.add_argument("--sweep-targeted", action="store_true")
     ap.add_argument("--ncu-target", action="store_true")
+    ap.add_argument("--latency-grid", action="store_true", help="v6 batch-1 graph grid")
+    ap.add_argument("--bw-variants", action="store_true", help="v6 batch >= 16 variants")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -405,6 +527,10 @@ def main():
                 configs[name] = c if isinstance(c, tuple) else (c, BS)
         result["sweep_best"] = {n: dict(vars(c), block_size=bs) for n, (c, bs) in configs.items()}
         log(f"configs used below: {configs}")
+    if a.latency_grid:
+        result["latency_grid"] = latency_grid()
+    if a.bw_variants:
+        result["bw_variants"] = bandwidth_variants(copy_gbs)
     if a.splits:
         result["splits"] = split_sweep(configs)
     if a.launch and not a.table:

@@ -16,7 +16,8 @@ drift apart over long splits: ncu saw 1.5x the counted DRAM bytes with 3 splits 
 positions). Each split covers split_len positions; with more than one split the programs
 write unnormalised partials (acc, running max m, running sum l) to a workspace, and the
 last program to finish for a (sequence, head block) merges them (`_merge_splits`): one
-launch either way. Split lengths are per sequence, read on the device: sequence b of
+launch either way; the merging program resets its counter, so no memset runs before a
+launch (`_Counters`). Split lengths are per sequence, read on the device: sequence b of
 length L uses ceil(L / split_len) of the grid's splits, split_len = ceil(L / num_splits)
 rounded up to BLOCK_N and to at least `min_split` tokens. So one CUDA graph, captured
 with num_splits for max_model_len, gives a 512-token sequence a few short splits instead
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +87,83 @@ def _rank(a, s: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr):
 
 
 @triton.jit
+def _write_out(out_ptr, row, stride_ot, stride_oh, offs_h, offs_d, acc, l_i, out_scale,
+               H: tl.constexpr, D: tl.constexpr):
+    mask = (offs_h < H)[:, None] & (offs_d < D)[None, :]
+    inv_l = out_scale / tl.where(l_i > 0, l_i, 1.0)        # l = 0: no context, acc = 0
+    tl.store(out_ptr + row * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
+             (acc * inv_l[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tile(q, m_i, l_i, acc, start, hi, blk, ak_ptr, bk_ptr, av_ptr, bv_ptr, bt_row, offs_h,
+          offs_d, qk_scale, H: tl.constexpr, D: tl.constexpr, R_K: tl.constexpr,
+          R_V: tl.constexpr, BS: tl.constexpr, HB: tl.constexpr, D_PAD: tl.constexpr,
+          RK_PAD: tl.constexpr, RV_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+          H_EVEN: tl.constexpr):
+    """One tile of BLOCK_N positions from `start`: online-softmax update of (m, l, acc).
+    blk: the tile's cache block when it lies inside one block (BS % BLOCK_N == 0)."""
+    pos = start + tl.arange(0, BLOCK_N)           # (N,) positions of this tile
+    tok_ok = pos < hi
+    h_ok = offs_h < H
+    if BS % BLOCK_N == 0:
+        # The tile lies inside one cache block (tiles start at multiples of BLOCK_N): one
+        # block-table entry, consecutive slots, so the pointers are a scalar tile base plus
+        # loop-invariant int32 offsets (fewer registers and integer ops).
+        first = blk.to(tl.int64) * BS + start % BS
+        slot = tl.arange(0, BLOCK_N)              # (N,) slot - first
+        akp = ak_ptr + first * (H * R_K)
+        bkp = bk_ptr + first * (R_K * D)
+        avp = av_ptr + first * (H * R_V)
+        bvp = bv_ptr + first * (R_V * D)
+    else:
+        blks = tl.load(bt_row + pos // BS, mask=tok_ok, other=0)
+        slot = blks.to(tl.int64) * BS + pos % BS  # (N,) cache slot of each position
+        akp = ak_ptr
+        bkp = bk_ptr
+        avp = av_ptr
+        bvp = bv_ptr
+
+    ak = _load_a(akp, slot, offs_h, tok_ok, h_ok, H, R_K, RK_PAD, H_EVEN)  # (N, HB[, R])
+    b_mask = tok_ok[:, None]
+    if D_PAD != D:
+        b_mask = b_mask & (offs_d < D)[None, :]
+    s_hn = tl.zeros([HB, BLOCK_N], tl.float32)
+    for s in tl.static_range(R_K):
+        bk = tl.load(bkp + slot[:, None] * (R_K * D) + s * D + offs_d[None, :],
+                     mask=b_mask, other=0.0)                          # (N, D_PAD)
+        qb = tl.dot(q, tl.trans(bk))                                  # (HB, N)
+        ak_s = _rank(ak, s, R_K, RK_PAD)                              # (N, HB)
+        s_hn += qb * tl.trans(ak_s).to(tl.float32)
+
+    # online softmax in base 2 (qk_scale carries log2 e)
+    logits = tl.where(tok_ok[None, :], s_hn * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(logits - m_new[:, None])                              # (HB, N)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+
+    av = _load_a(avp, slot, offs_h, tok_ok, h_ok, H, R_V, RV_PAD, H_EVEN)  # (N, HB[, R])
+    for u in tl.static_range(R_V):
+        bv = tl.load(bvp + slot[:, None] * (R_V * D) + u * D + offs_d[None, :],
+                     mask=b_mask, other=0.0)                          # (N, D_PAD)
+        av_u = _rank(av, u, R_V, RV_PAD)                              # (N, HB)
+        w = (p * tl.trans(av_u).to(tl.float32)).to(bv.dtype)          # (HB, N)
+        acc = tl.dot(w, bv, acc)                                      # (HB, D_PAD)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _write_out(out_ptr, row, stride_ot, stride_oh, offs_h, offs_d, acc, l_i, out_scale,
+               H: tl.constexpr, D: tl.constexpr):
+    mask = (offs_h < H)[:, None] & (offs_d < D)[None, :]
+    inv_l = out_scale / tl.where(l_i > 0, l_i, 1.0)        # l = 0: no context, acc = 0
+    tl.store(out_ptr + row * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
+             (acc * inv_l[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, ak_ptr, bk_ptr, av_ptr, bv_ptr,        # q (T, H, D); caches contiguous
     bt_ptr, seq_lens_ptr, qsl_ptr,                # block_tables (B, max_blocks); (B,); (B+1,)
@@ -96,14 +175,18 @@ def _decode_kernel(
     BS: tl.constexpr, HB: tl.constexpr, D_PAD: tl.constexpr, RK_PAD: tl.constexpr,
     RV_PAD: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     MERGE_SB: tl.constexpr,       # splits merged per step (sized to ~32 fp32 values a thread)
+    BT_PF: tl.constexpr,          # > 0: block-table entries of BT_PF tiles read as one vector
+    SKIP_MERGE: tl.constexpr,     # benchmark probe only: partials written, never merged
 ):
     hb = tl.program_id(0)
     sp = tl.program_id(1)
     b = tl.program_id(2)
+    # the three metadata loads issue together (no branch between them)
     row = tl.load(qsl_ptr + b)
-    if tl.load(qsl_ptr + b + 1) == row:           # sequence has no query this step
-        return
+    row_end = tl.load(qsl_ptr + b + 1)
     L = tl.load(seq_lens_ptr + b)
+    if row_end == row:                            # sequence has no query this step
+        return
     # this sequence's split length: a multiple of BLOCK_N (tiles stay block-aligned)
     per = tl.maximum((L + num_splits - 1) // num_splits, min_split)
     split_len = (per + BLOCK_N - 1) // BLOCK_N * BLOCK_N
@@ -111,13 +194,13 @@ def _decode_kernel(
     if (lo >= L) & (sp > 0):                      # empty split: the merge never reads it
         return
     hi = tl.minimum(lo + split_len, L)            # num_splits * split_len >= L
+    n_used = tl.minimum(num_splits, tl.maximum((L + split_len - 1) // split_len, 1))
 
     H_EVEN: tl.constexpr = H % HB == 0
     offs_h = hb * HB + tl.arange(0, HB)           # (HB,)
     offs_d = tl.arange(0, D_PAD)                  # (D_PAD,)
     h_ok = offs_h < H
     d_ok = offs_d < D
-
     q_mask = h_ok[:, None] & d_ok[None, :]
     q = tl.load(q_ptr + row * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :],
                 mask=q_mask, other=0.0)          # (HB, D_PAD)
@@ -126,78 +209,53 @@ def _decode_kernel(
     l_i = tl.zeros([HB], tl.float32)
     acc = tl.zeros([HB, D_PAD], tl.float32)
     bt_row = bt_ptr + b * stride_bt
-    for start in range(lo, hi, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)       # (N,) positions of this tile
-        tok_ok = pos < hi
-        if BS % BLOCK_N == 0:
-            # The tile lies inside one cache block (tiles start at multiples of BLOCK_N):
-            # one block-table read, consecutive slots, so the pointers are a scalar tile
-            # base plus loop-invariant int32 offsets (fewer registers and integer ops).
-            blk = tl.load(bt_row + start // BS)
-            first = blk.to(tl.int64) * BS + start % BS
-            slot = tl.arange(0, BLOCK_N)          # (N,) slot - first
-            akp = ak_ptr + first * (H * R_K)
-            bkp = bk_ptr + first * (R_K * D)
-            avp = av_ptr + first * (H * R_V)
-            bvp = bv_ptr + first * (R_V * D)
-        else:
-            blk = tl.load(bt_row + pos // BS, mask=tok_ok, other=0)
-            slot = blk.to(tl.int64) * BS + pos % BS   # (N,) cache slot of each position
-            akp = ak_ptr
-            bkp = bk_ptr
-            avp = av_ptr
-            bvp = bv_ptr
-
-        ak = _load_a(akp, slot, offs_h, tok_ok, h_ok, H, R_K, RK_PAD, H_EVEN)  # (N, HB[, R])
-        b_mask = tok_ok[:, None]
-        if D_PAD != D:
-            b_mask = b_mask & d_ok[None, :]
-        s_hn = tl.zeros([HB, BLOCK_N], tl.float32)
-        for s in tl.static_range(R_K):
-            bk = tl.load(bkp + slot[:, None] * (R_K * D) + s * D + offs_d[None, :],
-                         mask=b_mask, other=0.0)                      # (N, D_PAD)
-            qb = tl.dot(q, tl.trans(bk))                              # (HB, N)
-            ak_s = _rank(ak, s, R_K, RK_PAD)                          # (N, HB)
-            s_hn += qb * tl.trans(ak_s).to(tl.float32)
-
-        # online softmax in base 2 (qk_scale carries log2 e)
-        logits = tl.where(tok_ok[None, :], s_hn * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(logits - m_new[:, None])                          # (HB, N)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        m_i = m_new
-
-        av = _load_a(avp, slot, offs_h, tok_ok, h_ok, H, R_V, RV_PAD, H_EVEN)  # (N, HB[, R])
-        for u in tl.static_range(R_V):
-            bv = tl.load(bvp + slot[:, None] * (R_V * D) + u * D + offs_d[None, :],
-                         mask=b_mask, other=0.0)                      # (N, D_PAD)
-            av_u = _rank(av, u, R_V, RV_PAD)                          # (N, HB)
-            w = (p * tl.trans(av_u).to(tl.float32)).to(bv.dtype)      # (HB, N)
-            acc = tl.dot(w, bv, acc)                                  # (HB, D_PAD)
+    if (BS % BLOCK_N == 0) and (BT_PF > 0):
+        # Block ids of BT_PF tiles in one vector load, then picked per tile from registers:
+        # the tile addresses no longer wait on a scalar block-table load every iteration.
+        offs_t = tl.arange(0, BT_PF)
+        for c0 in range(lo, hi, BT_PF * BLOCK_N):
+            t_pos = c0 + offs_t * BLOCK_N
+            ids = tl.load(bt_row + t_pos // BS, mask=t_pos < hi, other=0)      # (BT_PF,)
+            for start in range(c0, tl.minimum(c0 + BT_PF * BLOCK_N, hi), BLOCK_N):
+                blk = tl.sum(tl.where(offs_t == (start - c0) // BLOCK_N, ids, 0))
+                m_i, l_i, acc = _tile(q, m_i, l_i, acc, start, hi, blk, ak_ptr, bk_ptr,
+                                      av_ptr, bv_ptr, bt_row, offs_h, offs_d, qk_scale, H, D,
+                                      R_K, R_V, BS, HB, D_PAD, RK_PAD, RV_PAD, BLOCK_N, H_EVEN)
+    else:
+        for start in range(lo, hi, BLOCK_N):
+            if BS % BLOCK_N == 0:
+                blk = tl.load(bt_row + start // BS)
+            else:
+                blk = 0                               # per-position loads inside _tile
+            m_i, l_i, acc = _tile(q, m_i, l_i, acc, start, hi, blk, ak_ptr, bk_ptr, av_ptr,
+                                  bv_ptr, bt_row, offs_h, offs_d, qk_scale, H, D, R_K, R_V,
+                                  BS, HB, D_PAD, RK_PAD, RV_PAD, BLOCK_N, H_EVEN)
 
     if SPLIT:
+        direct = n_used == 1      # a sequence short enough for one split: no partials
+    else:
+        direct: tl.constexpr = True
+    if direct:
+        _write_out(out_ptr, row, stride_ot, stride_oh, offs_h, offs_d, acc, l_i, out_scale, H, D)
+    else:
         ws_row = (b * num_splits + sp) * H + offs_h                   # (HB,)
         tl.store(ws_ptr + ws_row[:, None] * D + offs_d[None, :], acc, mask=q_mask)
         tl.store(ws_ptr + ml_offset + ws_row * 2, m_i, mask=h_ok)
         tl.store(ws_ptr + ml_offset + ws_row * 2 + 1, l_i, mask=h_ok)
-        # The program that finishes last for this (sequence, head block) merges the splits,
-        # so split-K is one launch. Its counter (at the end of the workspace, zeroed by the
-        # launcher before every launch) counts the non-empty splits done.
-        n_used = tl.minimum(num_splits, tl.maximum((L + split_len - 1) // split_len, 1))
-        cnt_ptr = (ws_ptr + cnt_offset).to(tl.pointer_type(tl.int32), bitcast=True) \
-            + b * tl.num_programs(0) + hb
-        tl.debug_barrier()                        # every thread's partial is written
-        done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
-        if done == n_used - 1:
-            _merge_splits(ws_ptr, out_ptr, row, b, stride_ot, stride_oh, n_used, num_splits,
-                          ml_offset, out_scale, offs_h, offs_d, h_ok, q_mask, H, D, HB, MERGE_SB)
-    else:
-        inv_l = out_scale / tl.where(l_i > 0, l_i, 1.0)    # l = 0: no context, acc = 0
-        o = acc * inv_l[:, None]
-        tl.store(out_ptr + row * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=q_mask)
+        if not SKIP_MERGE:
+            # The program that finishes last for this (sequence, head block) merges the
+            # splits, so split-K is one launch. Its counter (in the workspace's tail; zero
+            # before the launch, see _Counters) counts the splits done; the merging program
+            # sets it back to zero, so the next launch finds it zeroed without a memset.
+            cnt_ptr = (ws_ptr + cnt_offset).to(tl.pointer_type(tl.int32), bitcast=True) \
+                + b * tl.num_programs(0) + hb
+            tl.debug_barrier()                    # every thread's partial is written
+            done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+            if done == n_used - 1:
+                tl.store(cnt_ptr, 0)
+                _merge_splits(ws_ptr, out_ptr, row, b, stride_ot, stride_oh, n_used,
+                              num_splits, ml_offset, out_scale, offs_h, offs_d, h_ok, q_mask,
+                              H, D, HB, MERGE_SB)
 
 
 @triton.jit
@@ -207,7 +265,9 @@ def _merge_splits(ws_ptr, out_ptr, row, b, stride_ot, stride_oh, n_used, num_spl
     """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s / R_V over the used splits,
     SB splits at a time. Partials are read with .cg (L2): other SMs wrote them. SB is kept
     small: registers are allocated for the whole kernel, and a wide merge tile would cost
-    the main loop its occupancy (measured: 246 registers/thread with SB = 8, HB 16, 4 warps)."""
+    the main loop its occupancy (measured: 246 registers/thread with SB = 8, HB 16, 4 warps).
+    At batch 1 this costs ~0.5 us a step; pipelining the loop (tl.range num_stages 3-4) was
+    slower, and wider steps help only up to SB 8 (docs/kernel_notes.md, v6)."""
     offs_s = tl.arange(0, SB)
     m_run = tl.full([HB], float("-inf"), tl.float32)
     l_run = tl.zeros([HB], tl.float32)
@@ -230,10 +290,7 @@ def _merge_splits(ws_ptr, out_ptr, row, b, stride_ot, stride_oh, n_used, num_spl
         acc = acc * c_run[:, None] + tl.sum(a_s * c_s[:, :, None], axis=0)
         l_run = l_run * c_run + tl.sum(l_s * c_s, axis=0)
         m_run = m_new
-    inv_l = out_scale / tl.where(l_run > 0, l_run, 1.0)
-    o = acc * inv_l[:, None]
-    tl.store(out_ptr + row * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=q_mask)
+    _write_out(out_ptr, row, stride_ot, stride_oh, offs_h, offs_d, acc, l_run, out_scale, H, D)
 
 
 @dataclass(frozen=True)
@@ -244,12 +301,15 @@ class DecodeConfig:
     num_stages: int
     maxnreg: int | None = None     # register cap per thread (more programs per SM)
     min_split: int = 64  # positions a split covers at least (below: its fixed cost dominates)
+    merge_sb: int = 0     # splits per merge step; 0: ~32 fp32 values a thread
+    bt_prefetch: int = 0  # > 0: block ids of this many tiles per vector load (aligned tiles)
+    skip_merge: bool = False  # benchmark probe only (wrong output): partials never merged
 
 
 # Interpreter (CPU tests): smallest legal tiles and splits, so short sequences still span
 # several tiles and several splits.
 _INTERPRET_CONFIG = DecodeConfig(head_block=16, block_n=16, num_warps=4, num_stages=1,
-                                 min_split=16)
+                                 min_split=16, bt_prefetch=4)
 
 
 def decode_config(h: int, d_h: int, r_k: int, r_v: int, block_size: int,
@@ -263,6 +323,10 @@ def decode_config(h: int, d_h: int, r_k: int, r_v: int, block_size: int,
         944; (64, 16, 4, 2) 1183; (16, 32, 4, 2) 1406 (the first version)
         batch 1 x 4K graph replay: (16, 16, 2, 3) 22.7 us; (16, 16, 1, 5) 32.2 us
         paper 64 x 32K: (32, 32, 1, 5) 279 us; (32, 16, 1, 5) 280; (32, 32, 1, 3) 299
+    Batch < 16 (v6, CUDA graph, us a call at 1 x 512 / 1 x 4K, 32 splits): (16, 16, 2, 3)
+    with v5's merge + memset 10.5 / 21.7; + bt_prefetch 16 + merge_sb 8 (this) 9.6 / 18.8;
+    merge_sb 2 / 4 / 16: 9.5 / 10.8 / 13.2 and 19.5 / 23.6 / 21.5; 4 warps merge_sb 16
+    11.1 / 17.9; 1 warp 13.1 / 29.9. bt_prefetch at batch >= 16 costs 7-15% (more smem).
     """
     if v.INTERPRET:
         return _INTERPRET_CONFIG
@@ -273,7 +337,8 @@ def decode_config(h: int, d_h: int, r_k: int, r_v: int, block_size: int,
                             num_stages=5)
     # T6 ranks (h 47, R 2): 16-head blocks, 16-position tiles
     if batch < 16:       # few, short programs: latency of each matters more than occupancy
-        return DecodeConfig(head_block=16, block_n=16, num_warps=2, num_stages=3)
+        return DecodeConfig(head_block=16, block_n=16, num_warps=2, num_stages=3,
+                            bt_prefetch=16, merge_sb=8)
     return DecodeConfig(head_block=16, block_n=16, num_warps=1, num_stages=5)
 
 
@@ -318,16 +383,54 @@ def num_splits_for(batch: int, h: int, max_seq_len: int, config: DecodeConfig,
 
 def workspace_numel(batch: int, h: int, d_h: int, num_splits: int) -> int:
     """fp32 elements of split-K scratch: partial acc (B, S, h, d_h), then (m, l) (B, S, h, 2),
-    then one int32 counter per (sequence, head block) (at most B * h)."""
+    and at the workspace's end one int32 counter per (sequence, program) (at most B * h)."""
     return batch * num_splits * h * (d_h + 2) + batch * h
 
 
 def make_workspace(batch: int, h: int, d_h: int, num_splits: int = MAX_SPLITS,
                    device: torch.device | str = "cuda") -> torch.Tensor:
     """Split-K scratch for up to `batch` sequences and `num_splits` splits; allocate once
-    and pass to every decode call (any contents: the launcher zeroes the counters it uses)."""
+    and pass the same tensor to every decode call (any contents: the launcher zeroes the
+    counters when it cannot know they are zero)."""
     return torch.empty(workspace_numel(batch, h, d_h, num_splits), dtype=torch.float32,
                        device=device)
+
+
+class _Counters:
+    """Which part of a workspace's tail is known to hold zero counters, per workspace tensor.
+
+    The merge counters of a launch sit at the end of the workspace: [numel - n, numel), n =
+    batch * programs per sequence; partials fill it from the front: [0, P). The program that
+    merges resets its counter, so a launch that completes leaves its counters zero and no
+    memset is needed before the next (the memset was a graph node per layer: ~1 us).
+    Tracked per tensor object: `zero_from` (every int32 at or after it is zero once the
+    stream gets here) and `written_to` (the furthest partial end of any launch issued or
+    captured on it: a captured graph may replay later, so that region can be dirty again).
+    The memset runs when a launch's counters reach below zero_from, for a workspace never
+    seen, or one modified by torch since (its version counter moved)."""
+    _state: dict[int, list] = {}    # id(ws) -> [weakref, version, zero_from, written_to]
+    always_zero = False             # benchmark switch: memset before every launch (v5)
+
+    @classmethod
+    def prepare(cls, ws: torch.Tensor, cnt_from: int, partial_end: int) -> None:
+        numel = ws.numel()
+        if cls.always_zero:
+            ws[cnt_from:numel].zero_()
+            cls._state.pop(id(ws), None)
+            return
+        version = -2 if ws.is_inference() else ws._version   # inference tensors: identity only
+        st = cls._state.get(id(ws))
+        if st is None or st[0]() is not ws or st[1] != version:
+            if len(cls._state) > 64:
+                cls._state = {k: x for k, x in cls._state.items() if x[0]() is not None}
+            st = [weakref.ref(ws), -1, numel, 0]
+            cls._state[id(ws)] = st
+        if cnt_from < st[2]:
+            ws[cnt_from:st[2]].zero_()      # async, graph-capturable
+            st[2] = cnt_from
+        st[3] = max(st[3], partial_end)
+        st[2] = max(st[2], st[3])           # state once this launch has run
+        st[1] = -2 if ws.is_inference() else ws._version
 
 
 def decode_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Tensor,
@@ -372,15 +475,14 @@ def decode_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Te
         return out
     scale = 1.0 / math.sqrt(d_h) if scale is None else float(scale)
     hb = cfg.head_block
+    n_prog = triton.cdiv(h, hb)
     d_pad = v.next_pow2(d_h, 16)
     ml_offset = batch * num_splits * h * d_h
-    cnt_offset = ml_offset + batch * num_splits * h * 2
-    if num_splits > 1:
-        # split counters start at 0 on every launch (a memset: async, graph-capturable).
-        # Zeroing here rather than in the kernel keeps any reused workspace safe, whatever
-        # batch and split count the previous call laid out in it.
-        ws[cnt_offset:cnt_offset + batch * triton.cdiv(h, hb)].zero_()
-    grid = (triton.cdiv(h, hb), num_splits, batch)
+    cnt_offset = ws.numel() - batch * n_prog
+    if num_splits > 1 and not cfg.skip_merge:
+        _Counters.prepare(ws, cnt_offset, ml_offset + batch * num_splits * h * 2)
+    grid = (n_prog, num_splits, batch)
+    merge_sb = cfg.merge_sb or max(1, 32 * 32 * cfg.num_warps // (hb * d_pad))
     _decode_kernel[grid](
         q, ak_cache, bk_cache, av_cache, bv_cache, block_tables, seq_lens, query_start_loc,
         out, ws, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -388,7 +490,8 @@ def decode_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Te
         scale / r_k * LOG2E, 1.0 / r_v,
         H=h, D=d_h, R_K=r_k, R_V=r_v, BS=bs, HB=hb, D_PAD=d_pad,
         RK_PAD=v.next_pow2(r_k), RV_PAD=v.next_pow2(r_v), BLOCK_N=cfg.block_n,
-        SPLIT=num_splits > 1, MERGE_SB=max(1, 32 * 32 * cfg.num_warps // (hb * d_pad)),
+        SPLIT=num_splits > 1, MERGE_SB=merge_sb,
+        BT_PF=cfg.bt_prefetch, SKIP_MERGE=cfg.skip_merge,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     return out
