@@ -50,7 +50,8 @@ def test_cuda_profile_path_sizes_from_the_measured_peak(model, monkeypatch):
     assert calls == ["reset", "peak"]                 # the peak is read after a real step
     probe_bytes = -(-64 // eng.spec.block_size) * eng.spec.bytes_per_block
     activations = peak - probe_bytes - weights
-    # the largest graph bucket's (4) share of a 64-token step, every bucket's (1, 2, 4)
-    # logits in bf16 + fp32, and cuBLAS's workspace
-    reserve = int(activations * 4 / 64) + (1 + 2 + 4) * CFG.vocab_size * 6 + 96 * 2**20
+    # one full-budget step of activations (the largest mixed-step graph), every decode
+    # bucket's (1, 2, 4) logits in bf16 + fp32, the mixed graphs' fp32 logits buffer (4
+    # rows), and cuBLAS's workspace
+    reserve = activations + (1 + 2 + 4) * CFG.vocab_size * 6 + 4 * CFG.vocab_size * 4 + 96 * 2**20
     assert n == (int(total * 0.9) - weights - activations - reserve) // eng.spec.bytes_per_block

@@ -47,3 +47,39 @@ def test_padded_decode_path_equals_reference(q_rank):
         assert done[str(i)] == reference_generate(model, p, params, None)
     eng.blocks.check()
     assert eng.blocks.num_free == eng.blocks.num_blocks
+
+
+@pytest.mark.parametrize("q_rank", [3, None])
+def test_padded_mixed_step_path_equals_reference(q_rank):
+    """Mixed steps (prompt chunks + decode rows) through MixedGraphs' padded static buffers,
+    eagerly: padding tokens (no slot, no sequence) and padding sequences (no queries) must not
+    disturb real rows; steps with prompt logprobs fall back to the eager path."""
+    from tpaserve.engine.mixed_graphs import MixedGraphs
+    cfg = ModelConfig(n_layer=2, n_head=5, head_dim=8, n_embd=32, vocab_size=101, k_rank=2,
+                      v_rank=1, q_rank=q_rank, max_position=128)
+    model = T6(cfg).init_random(2).eval()
+    eng = build_engine(model, num_blocks=96, block_size=4, max_num_batched_tokens=48,
+                       max_num_seqs=10)
+    mixed = MixedGraphs(model, eng.cache, eng.runner.ops, [16, 48], [4, 10], eng.max_model_len,
+                        eng.device, capture=False)
+    eng.runner.mixed_graphs = mixed
+    calls = []
+    run = mixed.run
+    mixed.run = lambda *a: calls.append((len(a[0]), len(a[4]))) or run(*a)
+    rng = random.Random(4)
+    prompts = [[rng.randrange(101) for _ in range(rng.randint(1, 40))] for _ in range(14)]
+    params = SamplingParams(temperature=0, max_tokens=7)
+    for i, p in enumerate(prompts):
+        eng.add_request(str(i), p, params if i != 3 else SamplingParams(
+            temperature=0, max_tokens=7, prompt_logprobs=1))
+    done = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    assert any(t not in (16, 48) for t, _ in calls), "padding tokens were exercised"
+    assert any(b not in (4, 10) for _, b in calls), "padding sequences were exercised"
+    for i, p in enumerate(prompts):
+        assert done[str(i)] == reference_generate(model, p, params, None)
+    eng.blocks.check()
+    assert eng.blocks.num_free == eng.blocks.num_blocks

@@ -55,3 +55,27 @@ def test_prefill_t6_medium_bf16(config):
                   torch.bfloat16, "cuda", seed=13)
     err = rel_err(_prefill(c, config=config), c.reference())
     assert err < TOL[torch.bfloat16], f"relative error {err:.2e}"
+
+
+def test_work_list_grid_equals_the_full_grid():
+    """A launch sized for a bigger step (padding items) over chunks, decode rows (skipped,
+    left to the decode kernel) and a sequence without queries gives the chunks' rows."""
+    from tpaserve.kernels.prefill import work_list, work_list_size
+    n_q = [20, 1, 0, 33, 1, 5]
+    c = make_case([40, 9, 12, 33, 50, 5], n_q, 5, 16, 2, 2, 8, torch.float32, DEV, seed=21)
+    bm = 16                                            # the interpreter config's block_m
+    size = work_list_size(128, 8, bm)
+    items = work_list(n_q, bm, size)
+    assert items[:10] == [0, 0, 0, 1, 3, 0, 3, 1, 3, 2] and items[10:12] == [5, 0]
+    assert items[12:] == [-1] * (2 * size - 12)
+    work = torch.tensor(items, dtype=torch.int32, device=DEV)
+    want = c.reference()
+    got = prefill_attention(c.q, *c.caches(), *c.metadata(), 64,
+                            out=torch.full_like(c.q, float("nan")),
+                            skip_single_rows=True, work=work)
+    chunk_rows = torch.cat([torch.arange(0, 20), torch.arange(21, 54), torch.arange(55, 60)])
+    assert rel_err(got[chunk_rows], want[chunk_rows]) < 1e-4
+    assert torch.isnan(got[[20, 54]]).all()            # decode rows untouched
+    from tpaserve.kernels import _validate
+    with pytest.raises(_validate.KernelInputError, match="work items exceed"):
+        work_list(n_q, bm, 3)

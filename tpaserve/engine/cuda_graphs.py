@@ -49,7 +49,7 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(n, -(-max_model_len // bs), dtype=torch.int32, device=dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool_bytes = 0
+        self.pool, self.pool_bytes = None, 0
 
     def bucket_for(self, batch: int) -> int | None:
         for b in self.buckets:
@@ -86,6 +86,7 @@ class DecodeGraphs:
             pool = g.pool()
             self.graphs[b] = (g, out)
         torch.cuda.synchronize(self.device)
+        self.pool = pool                          # the mixed-step graphs capture into it too
         self.pool_bytes = torch.cuda.memory_reserved(self.device) - before
         logger.info("captured %d decode CUDA graphs (batch %s..%s), pool %.1f MiB",
                     len(self.graphs), self.buckets[0], self.buckets[-1], self.pool_bytes / 2**20)

@@ -22,6 +22,7 @@ from tpaserve.config import ConfigError, EngineConfig
 from tpaserve.engine.block_manager import BlockManager
 from tpaserve.engine.cuda_graphs import DecodeGraphs, default_buckets
 from tpaserve.engine.factor_cache import FactorCache, FactorCacheSpec
+from tpaserve.engine.mixed_graphs import MixedGraphs, default_seq_buckets, default_token_buckets
 from tpaserve.engine.model_runner import ModelRunner
 from tpaserve.engine.output_processor import SequenceState, StopStringMatcher
 from tpaserve.engine.outputs import CompletionOutput, RequestOutput, RunnerOutput
@@ -119,6 +120,13 @@ class LLMEngine:
                                   workspace=self.runner.workspace)
             graphs.capture_all()
             self.runner.graphs = graphs
+            sc = config.scheduler
+            mixed = MixedGraphs(model, self.cache, self.runner.ops,
+                                default_token_buckets(sc.max_num_batched_tokens),
+                                default_seq_buckets(sc.max_num_seqs), self.max_model_len,
+                                self.device, workspace=self.runner.workspace)
+            mixed.capture_all(pool=graphs.pool)
+            self.runner.mixed_graphs = mixed
         self.consecutive_failures = 0
         self.groups: dict[str, _Group] = {}
         self.seq_to_group: dict[str, _Group] = {}
@@ -165,11 +173,14 @@ class LLMEngine:
         torch.cuda.empty_cache()
         graph_reserve = 0
         if not self.config.enforce_eager:
-            # the pool holds one largest-bucket step of activations (shared) plus every
-            # bucket's logits output (bf16 and fp32 copies), and cuBLAS's workspace
+            # the shared pool holds one step's activations at a time (the largest mixed-step
+            # graph is a full-budget step: the peak just measured), every decode bucket's
+            # logits output (bf16 and fp32 copies), the mixed graphs' logits buffer, and
+            # cuBLAS's workspace
             buckets = default_buckets(self.config.scheduler.max_num_seqs)
-            logits = sum(buckets) * self.model.cfg.vocab_size * 6
-            graph_reserve = int(activations * min(1.0, buckets[-1] / n_tok)) + logits + 96 * 2**20
+            vocab = self.model.cfg.vocab_size
+            logits = sum(buckets) * vocab * 6 + buckets[-1] * vocab * 4
+            graph_reserve = activations + logits + 96 * 2**20
         total = torch.cuda.get_device_properties(dev).total_memory
         budget = int(total * self.config.cache.gpu_memory_utilization) - weights - activations - graph_reserve
         logger.info("memory profile: weights %.2f GiB, activation peak %.2f GiB, graph reserve "

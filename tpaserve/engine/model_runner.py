@@ -33,6 +33,7 @@ class ModelRunner:
         self.workspace = self.ops.make_workspace(max_num_seqs, spec.n_head, spec.head_dim,
                                                  device=device)
         self.graphs = graphs             # decode steps of up to graphs.max_batch requests
+        self.mixed_graphs = None         # MixedGraphs: other steps without prompt logprobs
         self.generators: dict[str, torch.Generator] = {}
 
     def _generator(self, request_id: str, seed: int | None) -> torch.Generator | None:
@@ -78,6 +79,11 @@ class ModelRunner:
             all_logits = self.graphs.run(ids, positions, slots, seq_lens,
                                          [r.block_ids for r in sched.requests])
             return self._sample(sched, all_logits[sample_rows], [])
+        mg = self.mixed_graphs
+        if mg is not None and not plp and mg.bucket_for(len(ids), len(sched.requests)):
+            logits = mg.run(ids, positions, slots, [r.num_tokens for r in sched.requests],
+                            seq_lens, [r.block_ids for r in sched.requests], sample_rows)
+            return self._sample(sched, logits if sample_rows else None, [])
         max_blocks = max(len(r.block_ids) for r in sched.requests)
         tables = [r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in sched.requests]
 

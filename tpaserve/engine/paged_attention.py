@@ -22,6 +22,7 @@ class StepMetadata:
     block_tables: torch.Tensor      # (B, max_blocks) int32
     max_query_len: int
     max_seq_len: int
+    prefill_work: torch.Tensor | None = None   # (items * 2,) int32, kernels/prefill.work_list
 
 
 class TorchOps:
@@ -34,7 +35,8 @@ class TorchOps:
 
     @staticmethod
     def paged_attention(q, ak, bk, av, bv, block_tables, seq_lens, query_start_loc,
-                        max_query_len, max_seq_len, scale=None, workspace=None):
+                        max_query_len, max_seq_len, scale=None, workspace=None,
+                        prefill_work=None):
         return reference.paged_attention_ref(q, ak, bk, av, bv, block_tables, seq_lens,
                                              query_start_loc, scale)
 
@@ -58,4 +60,4 @@ class PagedAttention:
         self.ops.store_factors(ak, bk, av, bv, cos, sin, m.slot_mapping, ak_c, bk_c, av_c, bv_c)
         return self.ops.paged_attention(q, ak_c, bk_c, av_c, bv_c, m.block_tables, m.seq_lens,
                                         m.query_start_loc, m.max_query_len, m.max_seq_len,
-                                        workspace=self.workspace)
+                                        workspace=self.workspace, prefill_work=m.prefill_work)

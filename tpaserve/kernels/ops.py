@@ -22,9 +22,11 @@ def paged_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Ten
                     av_cache: torch.Tensor, bv_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int,
                     max_seq_len: int, scale: float | None = None,
-                    workspace: torch.Tensor | None = None) -> torch.Tensor:
+                    workspace: torch.Tensor | None = None,
+                    prefill_work: torch.Tensor | None = None) -> torch.Tensor:
     """q (T, h, d_h) -> (T, h, d_h): causal FlashTPA over the paged factor cache
-    (reference.paged_attention_ref defines the result)."""
+    (reference.paged_attention_ref defines the result). prefill_work: see
+    prefill.prefill_attention's `work` (built with skip_single_rows=True)."""
     out = decode_attention(q, ak_cache, bk_cache, av_cache, bv_cache, block_tables,
                            seq_lens, query_start_loc, max_seq_len, scale=scale,
                            workspace=workspace)
@@ -36,4 +38,4 @@ def paged_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Ten
     # Decode rows in the prefill kernel would each run a 64-128-row query block.
     return prefill_attention(q, ak_cache, bk_cache, av_cache, bv_cache, block_tables, seq_lens,
                              query_start_loc, max_query_len, scale=scale, out=out,
-                             skip_single_rows=True)
+                             skip_single_rows=True, work=prefill_work)

@@ -32,16 +32,23 @@ from tpaserve.kernels.decode import LOG2E
 # width never costs a compile (~1 s under Triton 3.6) in the middle of serving
 @triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
-    q_ptr, ak_ptr, bk_ptr, av_ptr, bv_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
+    q_ptr, ak_ptr, bk_ptr, av_ptr, bv_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, work_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
     qk_scale, out_scale,
     H: tl.constexpr, D: tl.constexpr, R_K: tl.constexpr, R_V: tl.constexpr,
     BS: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SKIP_SINGLE: tl.constexpr,    # sequences with one query row are left to the decode kernel
+    WORK_LIST: tl.constexpr,      # grid (work items, heads): item g = (sequence, query block)
 ):
-    mb = tl.program_id(0)
     h = tl.program_id(1)
-    b = tl.program_id(2)
+    if WORK_LIST:
+        b = tl.load(work_ptr + 2 * tl.program_id(0))
+        if b < 0:                                    # padding item
+            return
+        mb = tl.load(work_ptr + 2 * tl.program_id(0) + 1)
+    else:
+        mb = tl.program_id(0)
+        b = tl.program_id(2)
     q_start = tl.load(qsl_ptr + b)
     n = tl.load(qsl_ptr + b + 1) - q_start
     if mb * BLOCK_M >= n:
@@ -126,13 +133,34 @@ def prefill_config(max_query_len: int) -> PrefillConfig:
     return PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
 
 
+def work_list(query_lens: list[int], block_m: int, size: int | None = None,
+              skip_single_rows: bool = True) -> list[int]:
+    """The (sequence, query block) items of a step, flattened [b0, mb0, b1, mb1, ...], padded
+    with (-1, -1) to `size` items: the grid of a launch whose shape must not depend on the
+    step (a CUDA graph). block_m must be the launch's config.block_m."""
+    items = [x for b, n in enumerate(query_lens) if n > (1 if skip_single_rows else 0)
+             for mb in range(-(-n // block_m)) for x in (b, mb)]
+    if size is not None:
+        if len(items) > 2 * size:
+            raise v.KernelInputError(f"{len(items) // 2} prefill work items exceed the {size} "
+                                     f"the launch was sized for")
+        items += [-1, -1] * (size - len(items) // 2)
+    return items
+
+
+def work_list_size(max_tokens: int, max_seqs: int, block_m: int) -> int:
+    """Items a work list can need: each sequence's chunk adds at most one partial block."""
+    return -(-max_tokens // block_m) + max_seqs
+
+
 def prefill_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Tensor,
                       av_cache: torch.Tensor, bv_cache: torch.Tensor,
                       block_tables: torch.Tensor, seq_lens: torch.Tensor,
                       query_start_loc: torch.Tensor, max_query_len: int,
                       scale: float | None = None, out: torch.Tensor | None = None,
                       config: PrefillConfig | None = None,
-                      skip_single_rows: bool = False) -> torch.Tensor:
+                      skip_single_rows: bool = False,
+                      work: torch.Tensor | None = None) -> torch.Tensor:
     """Causal paged attention for chunks of queries (any n per sequence, decode rows too).
 
     q (T, h, d_h); sequence i owns rows query_start_loc[i]:query_start_loc[i+1], at
@@ -140,6 +168,10 @@ def prefill_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.T
     (rows past it are not computed). Returns (T, h, d_h) in q's dtype.
     skip_single_rows: leave the rows of one-query sequences in `out` as they are (a mixed
     step computes those with the decode kernel first, see ops.paged_attention).
+    work: int32 (items * 2,) from `work_list` with this launch's block_m (config or
+    prefill_config(max_query_len)): the grid is one program per item and head instead of
+    (query blocks of max_query_len) x heads x sequences, so a launch sized for the largest
+    step (a CUDA graph) does not pay for idle programs.
     """
     _, bs, h, d_h, r_k, r_v = v.factor_caches(ak_cache, bk_cache, av_cache, bv_cache)
     batch = v.step_metadata(q, block_tables, seq_lens, query_start_loc, h, d_h,
@@ -149,12 +181,20 @@ def prefill_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.T
         return out
     cfg = config or prefill_config(max_query_len)
     scale = 1.0 / math.sqrt(d_h) if scale is None else float(scale)
-    grid = (triton.cdiv(max_query_len, cfg.block_m), h, batch)
+    if work is not None:
+        if work.dtype != torch.int32 or work.dim() != 1 or work.numel() % 2 or \
+                work.device != q.device or not work.is_contiguous():
+            raise v.KernelInputError(f"work must be a contiguous int32 (items * 2,) tensor on "
+                                     f"{q.device}, got {tuple(work.shape)} {work.dtype}")
+        grid = (work.numel() // 2, h, 1)
+    else:
+        grid = (triton.cdiv(max_query_len, cfg.block_m), h, batch)
     _prefill_kernel[grid](
         q, ak_cache, bk_cache, av_cache, bv_cache, block_tables, seq_lens, query_start_loc, out,
+        work if work is not None else seq_lens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         scale / r_k * LOG2E, 1.0 / r_v,
         H=h, D=d_h, R_K=r_k, R_V=r_v, BS=bs, D_PAD=v.next_pow2(d_h, 16),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SKIP_SINGLE=skip_single_rows,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        WORK_LIST=work is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
