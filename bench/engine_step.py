@@ -94,10 +94,10 @@ def kernel_census(eng, batch: int) -> dict:
     g = eng.runner.graphs
     b = g.bucket_for(batch)
     with torch.inference_mode():
-        g._forward(b)                                        # warm (no compiles inside)
+        g._forward(b, g._class)                              # warm (no compiles inside)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            g._forward(b)
+            g._forward(b, g._class)
             torch.cuda.synchronize()
     count, us = defaultdict(int), defaultdict(float)
     for e in prof.events():
@@ -142,8 +142,8 @@ def time_decode(model: T6, variant: str, batch: int, eager: bool, ctx: int, step
                step_ms_median=1e3 * statistics.median(times) / round_steps,
                step_ms_p90=1e3 * sorted(times)[int(0.9 * len(times))] / round_steps)
     g = eng.runner.graphs
-    if g is not None and batch in g.graphs:
-        graph, _ = g.graphs[g.bucket_for(batch)]
+    if g is not None and (batch, g._class) in g.graphs:      # the class the last steps used
+        graph, _ = g.graphs[(batch, g._class)]
         reps = []
         for _ in range(5):                                   # 5 x 50 replays: median, spread
             torch.cuda.synchronize()
@@ -167,7 +167,8 @@ def time_decode(model: T6, variant: str, batch: int, eager: bool, ctx: int, step
     return row
 
 
-def time_mixed(model: T6, batch: int = 64, ctx: int = 512, new: int = 2, reps: int = 6) -> dict:
+def time_mixed(model: T6, batch: int = 64, ctx: int = 512, new: int = 2, reps: int = 6,
+               host_profile: bool = False) -> dict:
     """The step that admits `new` prompts of ctx tokens while `batch - new` requests decode
     (what a concurrency-64 server does whenever requests finish and others arrive): an
     eager step. Wall time of engine.step() and the device time of its kernels."""
@@ -199,6 +200,17 @@ def time_mixed(model: T6, batch: int = 64, ctx: int = 512, new: int = 2, reps: i
         elif rep:
             walls.append(1e3 * wall)
         eng.step()                                   # finishes the admitted ones' max_tokens=1
+    if host_profile:                                 # where the host time of one goes
+        import cProfile
+        import pstats
+        for j in range(new):
+            eng.add_request(f"prof.{j}", prompt(), SamplingParams(max_tokens=1, temperature=0))
+        pr = cProfile.Profile()
+        pr.enable()
+        eng.step()
+        torch.cuda.synchronize()
+        pr.disable()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(25)
     row = dict(kind="mixed", batch=batch, new_prompts=new, ctx=ctx,
                step_ms_median=statistics.median(walls), device_ms_median=statistics.median(device))
     del eng
@@ -220,6 +232,8 @@ def main() -> None:
                          "captured for it (the serving suite uses 33024)")
     ap.add_argument("--mixed", action="store_true",
                     help="also time mixed steps: 2 and 4 new 512-token prompts among 64 decoding")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="with --mixed: cProfile one mixed step (top functions by own time)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     MEDIUM["max_position"] = args.max_model_len
@@ -244,7 +258,8 @@ def main() -> None:
             json.dump(res, f, indent=1)
     if args.mixed:
         for new in (1, 2, 4):
-            res.setdefault("mixed", []).append(time_mixed(base, new=new))
+            res.setdefault("mixed", []).append(time_mixed(base, new=new, reps=10,
+                                                          host_profile=args.host_profile and new == 2))
             print(res["mixed"][-1], flush=True)
         with open(os.path.join(args.out, "engine_step.json"), "w") as f:
             json.dump(res, f, indent=1)

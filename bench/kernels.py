@@ -399,6 +399,46 @@ def latency_grid():
     return rows
 
 
+def midbatch_sweep(copy_gbs):
+    """Batch 16 / 64 at the contexts a serving sweep sees (512-1K): tiles x splits x
+    min_split inside CUDA graphs (20 calls a graph, us per call), for decode_config and
+    num_splits_for. Prints the best few per point."""
+    s = SHAPES["t6-medium"]
+    C = dec.DecodeConfig
+    cfgs = {"16,16,1w,5st": C(16, 16, 1, 5), "16,16,2w,3st": C(16, 16, 2, 3),
+            "16,32,2w,3st": C(16, 32, 2, 3), "16,16,2w,3st bt16 sb8": C(16, 16, 2, 3, bt_prefetch=16,
+                                                                         merge_sb=8)}
+    rows = []
+    for B in (16, 64):
+        for L in (512, 1024):
+            p = Paged(B, L, s["h"], s["d"], s["rk"], s["rv"])
+            ws = dec.make_workspace(B, s["h"], s["d"])
+            pts = []
+            for name, cfg in cfgs.items():
+                for S in (1, 2, 4, 8, 16):
+                    for ms in (32, 64, 128):
+                        c = C(**{**cfg.__dict__, "min_split": ms})
+                        try:
+                            us = _graph_us(lambda: p.run(config=c, num_splits=S, workspace=ws),
+                                           20, n=50)
+                        except Exception as e:
+                            log(f"  {name} S{S} ms{ms}: {type(e).__name__}")
+                            continue
+                        pts.append((us, name, S, ms))
+            pts.sort()
+            now = dec.decode_config(s["h"], s["d"], s["rk"], s["rv"], BS, B)
+            S_now = dec.num_splits_for(B, s["h"], 33024, now, torch.device("cuda"))
+            cur = _graph_us(lambda: p.run(num_splits=S_now, workspace=ws), 20, n=50)
+            gbs = p.bytes / cur / 1e3
+            log(f"{B:3d} x {L:5d}: shipped (S {S_now}) {cur:6.1f} us ({gbs / copy_gbs:.0%} copy); best "
+                + "; ".join(f"{n} S{S} ms{ms} {us:.1f}" for us, n, S, ms in pts[:4]))
+            rows.append(dict(B=B, L=L, shipped_us=cur, shipped_splits=S_now,
+                             best=[dict(us=u, config=n, splits=S, min_split=m) for u, n, S, m in pts[:8]]))
+            del p
+            torch.cuda.empty_cache()
+    return rows
+
+
 def bandwidth_variants(copy_gbs):
     """v6: T6-medium at batch >= 16 and long contexts: block-table prefetch against v5.
     (Run 9 measured one program for all 47 heads here: 27-44% of copy, dropped.)"""
@@ -504,6 +544,8 @@ def main():
     ap.add_argument("--ncu-target", action="store_true")
     ap.add_argument("--latency-grid", action="store_true", help="v6 batch-1 graph grid")
     ap.add_argument("--bw-variants", action="store_true", help="v6 batch >= 16 variants")
+    ap.add_argument("--midbatch-sweep", action="store_true",
+                    help="batch 16/64 x 512/1K: tiles x splits x min_split in graphs")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -531,6 +573,8 @@ def main():
         result["latency_grid"] = latency_grid()
     if a.bw_variants:
         result["bw_variants"] = bandwidth_variants(copy_gbs)
+    if a.midbatch_sweep:
+        result["midbatch_sweep"] = midbatch_sweep(copy_gbs)
     if a.splits:
         result["splits"] = split_sweep(configs)
     if a.launch and not a.table:

@@ -50,8 +50,7 @@ def test_cuda_profile_path_sizes_from_the_measured_peak(model, monkeypatch):
     assert calls == ["reset", "peak"]                 # the peak is read after a real step
     probe_bytes = -(-64 // eng.spec.block_size) * eng.spec.bytes_per_block
     activations = peak - probe_bytes - weights
-    # one full-budget step of activations (the largest mixed-step graph), every decode
-    # bucket's (1, 2, 4) logits in bf16 + fp32, the mixed graphs' fp32 logits buffer (4
-    # rows), and cuBLAS's workspace
-    reserve = activations + (1 + 2 + 4) * CFG.vocab_size * 6 + 4 * CFG.vocab_size * 4 + 96 * 2**20
+    # one full-budget step of activations (the largest mixed-step graph), the decode and
+    # the mixed graphs' fp32 logits buffers (max_num_seqs = 4 rows each), cuBLAS's workspace
+    reserve = activations + 2 * 4 * CFG.vocab_size * 4 + 96 * 2**20
     assert n == (int(total * 0.9) - weights - activations - reserve) // eng.spec.bytes_per_block

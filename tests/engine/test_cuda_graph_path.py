@@ -83,3 +83,15 @@ def test_padded_mixed_step_path_equals_reference(q_rank):
         assert done[str(i)] == reference_generate(model, p, params, None)
     eng.blocks.check()
     assert eng.blocks.num_free == eng.blocks.num_blocks
+
+
+def test_decode_graph_context_class_follows_the_longest_sequence():
+    cfg = ModelConfig(n_layer=1, n_head=5, head_dim=8, n_embd=32, vocab_size=101, k_rank=2,
+                      v_rank=1, q_rank=3, max_position=5000)
+    model = T6(cfg).init_random(1).eval()
+    eng = build_engine(model, num_blocks=8, block_size=16, max_num_seqs=4)
+    g = DecodeGraphs(model, eng.cache, eng.runner.ops, [1, 4], 5000, eng.device, capture=False)
+    assert g.classes == [1024, 4096, 5000]
+    for longest, want in ((1, 1024), (1024, 1024), (1025, 4096), (4097, 5000)):
+        g.prepare([[0]], longest)
+        assert g._class == want

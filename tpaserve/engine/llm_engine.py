@@ -174,12 +174,10 @@ class LLMEngine:
         graph_reserve = 0
         if not self.config.enforce_eager:
             # the shared pool holds one step's activations at a time (the largest mixed-step
-            # graph is a full-budget step: the peak just measured), every decode bucket's
-            # logits output (bf16 and fp32 copies), the mixed graphs' logits buffer, and
-            # cuBLAS's workspace
-            buckets = default_buckets(self.config.scheduler.max_num_seqs)
+            # graph is a full-budget step: the peak just measured); plus the decode and the
+            # mixed graphs' fp32 logits buffers and cuBLAS's workspace
             vocab = self.model.cfg.vocab_size
-            logits = sum(buckets) * vocab * 6 + buckets[-1] * vocab * 4
+            logits = 2 * self.config.scheduler.max_num_seqs * vocab * 4
             graph_reserve = activations + logits + 96 * 2**20
         total = torch.cuda.get_device_properties(dev).total_memory
         budget = int(total * self.config.cache.gpu_memory_utilization) - weights - activations - graph_reserve

@@ -128,7 +128,7 @@ class ModelRunner:
         meta = torch.tensor([pos, slots], dtype=torch.int64).to(dev, non_blocking=True)  # (2, K, B)
         lens_d = torch.tensor(lens, dtype=torch.int32).to(dev, non_blocking=True)        # (K, B)
         if use_graph:
-            self.graphs.prepare([r.block_ids for r in reqs])
+            self.graphs.prepare([r.block_ids for r in reqs], max(lens[-1]))
         else:
             max_blocks = max(len(r.block_ids) for r in reqs)
             tables = torch.tensor([r.block_ids + [0] * (max_blocks - len(r.block_ids))

@@ -362,6 +362,17 @@ def decode_config(h: int, d_h: int, r_k: int, r_v: int, block_size: int,
 MAX_SPLITS = 64
 _TARGET_PROGRAMS_PER_SM = 16     # programs are 1-2 warps: this many keep loads in flight
 _MIN_SPLIT_TOKENS = 128          # below this a split's fixed cost outweighs its parallelism
+# Positions a split covers at least, per sequence in the batch (with DecodeConfig.min_split
+# as the floor): a big batch fills the GPU without splitting short contexts, and each split
+# costs a partial write and a merge share. Measured (H200, T6-medium, CUDA graphs, us per
+# call; bench/kernels.py --midbatch-sweep), grid splits as shipped for max_model_len 33K:
+#   64 x 512:  8 splits used of 11 (64 positions each) 35.3; 2 splits 20.8
+#   64 x 1K:   11 used 50.1; 4 splits 34.4          16 x 512: 8 splits 11.7 (best)
+_MIN_SPLIT_PER_SEQ = 4
+
+
+def min_split_for(batch: int, config: DecodeConfig) -> int:
+    return max(config.min_split, _MIN_SPLIT_PER_SEQ * batch)
 
 
 @functools.lru_cache(maxsize=None)
@@ -371,13 +382,16 @@ def _sm_count(device_index: int) -> int:
 
 def num_splits_for(batch: int, h: int, max_seq_len: int, config: DecodeConfig,
                    device: torch.device) -> int:
-    """Splits per sequence from host-side sizes only (no device reads)."""
+    """Splits per sequence (the grid) from host-side sizes only (no device reads). Never
+    more than a max_seq_len sequence can use (min_split_for): a program with nothing to do
+    still takes a slot (64 x 512: 11 grid splits with 2 used 36.5 us, 2 grid splits 20.8)."""
     if device.type != "cuda":
         return 1
     n_hb = -(-h // config.head_block)
     target = _TARGET_PROGRAMS_PER_SM * _sm_count(device.index or 0)
     s = -(-target // (batch * n_hb))
-    s = min(s, MAX_SPLITS, max(1, max_seq_len // _MIN_SPLIT_TOKENS))
+    s = min(s, MAX_SPLITS, max(1, max_seq_len // _MIN_SPLIT_TOKENS),
+            -(-max_seq_len // min_split_for(batch, config)))
     return max(1, s)
 
 
@@ -486,7 +500,7 @@ def decode_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Te
     _decode_kernel[grid](
         q, ak_cache, bk_cache, av_cache, bv_cache, block_tables, seq_lens, query_start_loc,
         out, ws, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        block_tables.stride(0), cfg.min_split, num_splits, ml_offset, cnt_offset,
+        block_tables.stride(0), min_split_for(batch, cfg), num_splits, ml_offset, cnt_offset,
         scale / r_k * LOG2E, 1.0 / r_v,
         H=h, D=d_h, R_K=r_k, R_V=r_v, BS=bs, HB=hb, D_PAD=d_pad,
         RK_PAD=v.next_pow2(r_k), RV_PAD=v.next_pow2(r_v), BLOCK_N=cfg.block_n,
