@@ -33,6 +33,21 @@ logger = logging.getLogger("tpaserve.engine")
 CONTEXT_CLASSES = (1024, 4096)      # plus max_model_len
 
 
+def capture(fn, side: torch.cuda.Stream, pool=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Run fn twice on the side stream (Triton compiles, cuBLAS picks its kernels), then
+    capture a third call into a graph whose memory comes from `pool`."""
+    main = torch.cuda.current_stream(side.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    main.wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):
+        out = fn()
+    return g, out
+
+
 def default_buckets(max_num_seqs: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, 257, 16))
     return [b for b in sizes if b < max_num_seqs] + [min(max_num_seqs, 256)]
@@ -87,14 +102,7 @@ class DecodeGraphs:
         side = torch.cuda.Stream(self.device)
         for b in reversed(self.buckets):
             for ctx in reversed(self.classes):
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    for _ in range(2):                              # compile + warm up
-                        self._forward(b, ctx)
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
-                    out = self._forward(b, ctx)
+                g, out = capture(lambda: self._forward(b, ctx), side, pool)
                 pool = g.pool()
                 self.graphs[(b, ctx)] = (g, out)
         torch.cuda.synchronize(self.device)

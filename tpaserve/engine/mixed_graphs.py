@@ -23,6 +23,7 @@ import logging
 
 import torch
 
+from tpaserve.engine.cuda_graphs import capture
 from tpaserve.engine.factor_cache import FactorCache
 from tpaserve.engine.paged_attention import PagedAttention, StepMetadata
 from tpaserve.models.t6 import T6
@@ -95,14 +96,7 @@ class MixedGraphs:
         side = torch.cuda.Stream(self.device)
         for t in reversed(self.token_buckets):
             for b in reversed(self.seq_buckets):
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    for _ in range(2):                               # compile + warm up
-                        self._forward(t, b)
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
-                    out = self._forward(t, b)
+                g, out = capture(lambda: self._forward(t, b), side, pool)
                 pool = g.pool()
                 self.graphs[(t, b)] = (g, out)
         torch.cuda.synchronize(self.device)

@@ -87,15 +87,6 @@ def _rank(a, s: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr):
 
 
 @triton.jit
-def _write_out(out_ptr, row, stride_ot, stride_oh, offs_h, offs_d, acc, l_i, out_scale,
-               H: tl.constexpr, D: tl.constexpr):
-    mask = (offs_h < H)[:, None] & (offs_d < D)[None, :]
-    inv_l = out_scale / tl.where(l_i > 0, l_i, 1.0)        # l = 0: no context, acc = 0
-    tl.store(out_ptr + row * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
-             (acc * inv_l[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _tile(q, m_i, l_i, acc, start, hi, blk, ak_ptr, bk_ptr, av_ptr, bv_ptr, bt_row, offs_h,
           offs_d, qk_scale, H: tl.constexpr, D: tl.constexpr, R_K: tl.constexpr,
           R_V: tl.constexpr, BS: tl.constexpr, HB: tl.constexpr, D_PAD: tl.constexpr,
