@@ -11,8 +11,14 @@
 3. Kernel census (graph rows): the kernels of one decode step (the captured forward, run
    eagerly under torch.profiler): count per step and per layer, and device time by kernel.
 
+4. --mixed: the step that admits 1, 2 or 4 new 512-token prompts while 64 requests decode
+   (wall time without the profiler, device time with it); --host-profile adds a cProfile
+   of one such step.
+
     PYTHONPATH=. python3 bench/engine_step.py [--quick] [--no-correctness]
-        [--rows base:1:graphs,fused:1:graphs,fused:16:graphs]
+        [--rows base:1:graphs,fused:1:graphs,fused:16:graphs8] [--max-model-len 33024]
+        [--mixed [--host-profile]]
+Row mode graphsK: CUDA graphs with multi-step rounds of K decode steps (time per token).
 """
 from __future__ import annotations
 

@@ -11,6 +11,8 @@
 --latency-grid  v6: batch 1 x 512 / 4K in CUDA graphs over merge, counter, split and tile
           variants (graph1: one call a graph; x20: 20 calls in one graph, per call)
 --bw-variants   v6: T6-medium batch 16/64 x 32K/128K variants against the v5 config
+--midbatch-sweep  batch 16/64 x 512/1K: tiles x grid splits x min_split inside CUDA graphs
+          (the short contexts a serving sweep decodes at; for num_splits_for/min_split_for)
 --ncu-target  launches for `ncu -k regex:_decode_kernel` (docs/kernel_notes.md)
 --table   batch {1,16,64,256} x context {1K,4K,32K,128K}, T6-medium (h 47, d_h 64, R 2)
           and the paper's shape (h 32, d_h 64, R 1), next to PyTorch SDPA decode for MHA
