@@ -167,7 +167,6 @@ def _decode_kernel(
     RV_PAD: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     MERGE_SB: tl.constexpr,       # splits merged per step (sized to ~32 fp32 values a thread)
     BT_PF: tl.constexpr,          # > 0: block-table entries of BT_PF tiles read as one vector
-    SKIP_MERGE: tl.constexpr,     # benchmark probe only: partials written, never merged
 ):
     hb = tl.program_id(0)
     sp = tl.program_id(1)
@@ -233,20 +232,19 @@ def _decode_kernel(
         tl.store(ws_ptr + ws_row[:, None] * D + offs_d[None, :], acc, mask=q_mask)
         tl.store(ws_ptr + ml_offset + ws_row * 2, m_i, mask=h_ok)
         tl.store(ws_ptr + ml_offset + ws_row * 2 + 1, l_i, mask=h_ok)
-        if not SKIP_MERGE:
-            # The program that finishes last for this (sequence, head block) merges the
-            # splits, so split-K is one launch. Its counter (in the workspace's tail; zero
-            # before the launch, see _Counters) counts the splits done; the merging program
-            # sets it back to zero, so the next launch finds it zeroed without a memset.
-            cnt_ptr = (ws_ptr + cnt_offset).to(tl.pointer_type(tl.int32), bitcast=True) \
-                + b * tl.num_programs(0) + hb
-            tl.debug_barrier()                    # every thread's partial is written
-            done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
-            if done == n_used - 1:
-                tl.store(cnt_ptr, 0)
-                _merge_splits(ws_ptr, out_ptr, row, b, stride_ot, stride_oh, n_used,
-                              num_splits, ml_offset, out_scale, offs_h, offs_d, h_ok, q_mask,
-                              H, D, HB, MERGE_SB)
+        # The program that finishes last for this (sequence, head block) merges the
+        # splits, so split-K is one launch. Its counter (in the workspace's tail; zero
+        # before the launch, see _Counters) counts the splits done; the merging program
+        # sets it back to zero, so the next launch finds it zeroed without a memset.
+        cnt_ptr = (ws_ptr + cnt_offset).to(tl.pointer_type(tl.int32), bitcast=True) \
+            + b * tl.num_programs(0) + hb
+        tl.debug_barrier()                    # every thread's partial is written
+        done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+        if done == n_used - 1:
+            tl.store(cnt_ptr, 0)
+            _merge_splits(ws_ptr, out_ptr, row, b, stride_ot, stride_oh, n_used,
+                          num_splits, ml_offset, out_scale, offs_h, offs_d, h_ok, q_mask,
+                          H, D, HB, MERGE_SB)
 
 
 @triton.jit
@@ -294,7 +292,6 @@ class DecodeConfig:
     min_split: int = 64  # positions a split covers at least (below: its fixed cost dominates)
     merge_sb: int = 0     # splits per merge step; 0: ~32 fp32 values a thread
     bt_prefetch: int = 0  # > 0: block ids of this many tiles per vector load (aligned tiles)
-    skip_merge: bool = False  # benchmark probe only (wrong output): partials never merged
 
 
 # Interpreter (CPU tests): smallest legal tiles and splits, so short sequences still span
@@ -414,15 +411,10 @@ class _Counters:
     The memset runs when a launch's counters reach below zero_from, for a workspace never
     seen, or one modified by torch since (its version counter moved)."""
     _state: dict[int, list] = {}    # id(ws) -> [weakref, version, zero_from, written_to]
-    always_zero = False             # benchmark switch: memset before every launch (v5)
 
     @classmethod
     def prepare(cls, ws: torch.Tensor, cnt_from: int, partial_end: int) -> None:
         numel = ws.numel()
-        if cls.always_zero:
-            ws[cnt_from:numel].zero_()
-            cls._state.pop(id(ws), None)
-            return
         version = -2 if ws.is_inference() else ws._version   # inference tensors: identity only
         st = cls._state.get(id(ws))
         if st is None or st[0]() is not ws or st[1] != version:
@@ -484,7 +476,7 @@ def decode_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Te
     d_pad = v.next_pow2(d_h, 16)
     ml_offset = batch * num_splits * h * d_h
     cnt_offset = ws.numel() - batch * n_prog
-    if num_splits > 1 and not cfg.skip_merge:
+    if num_splits > 1:
         _Counters.prepare(ws, cnt_offset, ml_offset + batch * num_splits * h * 2)
     grid = (n_prog, num_splits, batch)
     merge_sb = cfg.merge_sb or max(1, 32 * 32 * cfg.num_warps // (hb * d_pad))
@@ -496,7 +488,7 @@ def decode_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Te
         H=h, D=d_h, R_K=r_k, R_V=r_v, BS=bs, HB=hb, D_PAD=d_pad,
         RK_PAD=v.next_pow2(r_k), RV_PAD=v.next_pow2(r_v), BLOCK_N=cfg.block_n,
         SPLIT=num_splits > 1, MERGE_SB=merge_sb,
-        BT_PF=cfg.bt_prefetch, SKIP_MERGE=cfg.skip_merge,
+        BT_PF=cfg.bt_prefetch,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     return out
