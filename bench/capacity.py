@@ -33,8 +33,8 @@ import numpy as np
 from bench.presets import PRESETS, model_config
 from bench.serve import Progress, normalize_base_url, run_load
 from bench.workload import make_requests
-from tpaserve.engine.factor_cache import FactorCacheSpec
 from tpaserve.models.loader import DTYPES
+from tpaserve.runner.factor_cache import FactorCacheSpec
 
 RUNNING = "tpaserve:num_requests_running"
 WAITING = "tpaserve:num_requests_waiting"

@@ -9,7 +9,7 @@ import time
 import torch
 
 from tpaserve.config import ModelConfig
-from tpaserve.engine.factory import build_engine
+from tpaserve.frontend.llm_engine import build_engine
 from tpaserve.models import T6
 from tpaserve.sampling_params import SamplingParams
 
@@ -22,7 +22,7 @@ for util in (0.5, 0.9):
     eng = build_engine(model, gpu_memory_utilization=util)
     total = torch.cuda.get_device_properties(0).total_memory
     used = torch.cuda.memory_reserved()
-    print(f"util {util}: {eng.cache.num_blocks} blocks, cache {eng.cache.nbytes / 2**30:.1f} GiB, "
+    print(f"util {util}: {eng.core.cache.num_blocks} blocks, cache {eng.core.cache.nbytes / 2**30:.1f} GiB, "
           f"reserved {used / 2**30:.1f} of {total / 2**30:.1f} GiB ({used / total:.2f}), "
           f"start-up {time.perf_counter() - t:.1f} s", flush=True)
     eng.add_request("a", list(range(1, 3000)), SamplingParams(max_tokens=8, temperature=0))

@@ -34,9 +34,9 @@ from collections import defaultdict
 import torch
 
 from tpaserve.config import ModelConfig
-from tpaserve.engine.factory import build_engine
-from tpaserve.engine.paged_attention import TorchOps
+from tpaserve.frontend.llm_engine import build_engine
 from tpaserve.models import T6
+from tpaserve.runner.attention import TorchOps
 from tpaserve.sampling_params import SamplingParams
 
 MEDIUM = dict(n_layer=24, n_head=47, head_dim=64, n_embd=1024, vocab_size=50304, k_rank=2,
@@ -72,13 +72,13 @@ def check_correctness(quick: bool) -> dict:
                         max_num_seqs=32)
     ref = build_engine(model, num_blocks=2048, block_size=16, max_num_batched_tokens=512,
                        max_num_seqs=32, enforce_eager=True)
-    ref.runner.ops = TorchOps
+    ref.core.runner.ops = TorchOps
     a = greedy_run(fast, prompts, 24)
     b = greedy_run(ref, prompts, 24)
     same = sum(x == y for x, y in zip(a, b))
     first_div = [next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), None) for x, y in zip(a, b)]
     return dict(requests=len(prompts), identical=same, first_divergence=first_div,
-                graphs=fast.runner.graphs is not None)
+                graphs=fast.core.runner.graphs is not None)
 
 
 @contextlib.contextmanager
@@ -97,7 +97,7 @@ def kernel_census(eng, batch: int) -> dict:
     """Kernels (and memsets) of one decode step: the graph's forward run eagerly under the
     profiler. Returns counts and device microseconds by kernel name."""
     from torch.profiler import ProfilerActivity, profile
-    g = eng.runner.graphs
+    g = eng.core.runner.graphs
     b = g.bucket_for(batch)
     with torch.inference_mode():
         g._forward(b, g._class)                              # warm (no compiles inside)
@@ -132,8 +132,8 @@ def time_decode(model: T6, variant: str, batch: int, eager: bool, ctx: int, step
     for i in range(batch):
         eng.add_request(str(i), [rng.randrange(50257) for _ in range(ctx)], p)
     # finish every prefill first, then time pure decode steps
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.requests.values()) \
-            or eng.scheduler.waiting:
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.core.scheduler.requests.values()) \
+            or eng.core.scheduler.waiting:
         eng.step()
     for _ in range(3):
         eng.step()
@@ -147,7 +147,7 @@ def time_decode(model: T6, variant: str, batch: int, eager: bool, ctx: int, step
                max_model_len=eng.max_model_len, round_steps=round_steps,
                step_ms_median=1e3 * statistics.median(times) / round_steps,
                step_ms_p90=1e3 * sorted(times)[int(0.9 * len(times))] / round_steps)
-    g = eng.runner.graphs
+    g = eng.core.runner.graphs
     if g is not None and (batch, g._class) in g.graphs:      # the class the last steps used
         graph, _ = g.graphs[(batch, g._class)]
         reps = []
@@ -186,8 +186,8 @@ def time_mixed(model: T6, batch: int = 64, ctx: int = 512, new: int = 2, reps: i
     prompt = lambda: [rng.randrange(50257) for _ in range(ctx)]     # noqa: E731
     for i in range(batch - new):
         eng.add_request(f"r{i}", prompt(), p)
-    while eng.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens
-                                       for r in eng.scheduler.requests.values()):
+    while eng.core.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens
+                                       for r in eng.core.scheduler.requests.values()):
         eng.step()
     walls, device = [], []
     for rep in range(reps + 1):                      # the first one compiles: not counted

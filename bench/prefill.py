@@ -44,7 +44,7 @@ def engine_steps(prompt_len: int = 32768) -> list[dict]:
 
     from bench.engine_step import MEDIUM, make_model
     from tpaserve.config import ModelConfig
-    from tpaserve.engine.factory import build_engine
+    from tpaserve.frontend.llm_engine import build_engine
     from tpaserve.sampling_params import SamplingParams
     cfg = ModelConfig(**{**MEDIUM, "max_position": prompt_len + 256})
     eng = build_engine(make_model(cfg), cache_memory=4 * 2**30)
@@ -52,7 +52,7 @@ def engine_steps(prompt_len: int = 32768) -> list[dict]:
                     SamplingParams(max_tokens=1, temperature=0))
     rows = []
     while eng.has_unfinished_requests():
-        req = eng.scheduler.requests.get("long#0")
+        req = eng.core.scheduler.requests.get("long#0")
         ctx = req.num_computed_tokens if req else -1
         torch.cuda.synchronize()
         t = time.perf_counter()

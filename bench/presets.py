@@ -7,7 +7,6 @@ and make_random_checkpoint.py so the suite's model is the one the tables describ
 from __future__ import annotations
 
 import argparse
-
 import json
 from pathlib import Path
 

@@ -1,47 +1,111 @@
-"""The package's import rules (../shared/ARCHITECTURE.md): the control plane is pure Python,
-engine/ never imports api/, kernels/ nothing from engine/, only api/ imports FastAPI and
-pydantic."""
+"""The package's import rules (../shared/ARCHITECTURE.md, docs/architecture.md): who may import
+whom, checked on the source (every import statement, at any depth, lazy ones included) and
+on what really loads (a fresh interpreter per entry point).
+
+    api/       HTTP only: imports frontend, never engine internals, runner, core, kernels
+    frontend/  output processing and the core client: never runner or kernels; only
+               core_client.py reaches into core/ (to start it or step it in-process)
+    engine/    the pure control plane: no torch, nothing above it
+    core/      the engine core: engine + runner + models, never frontend or api
+    runner/    the GPU side: engine's contracts, models, kernels; never core/frontend/api
+    models/    never engine, runner, core, frontend, api
+    kernels/   nothing of the package but their own helpers
+"""
 import ast
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "tpaserve"
 
 
 def imports(folder: str) -> dict[str, set[str]]:
     found = {}
-    for path in (PKG / folder).rglob("*.py"):
+    root = PKG / folder if folder else PKG
+    paths = root.rglob("*.py") if folder else root.glob("*.py")
+    for path in paths:
         names = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names |= {a.name for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names.add(node.module)
+                names |= {f"{node.module}.{a.name}" for a in node.names}
         found[str(path.relative_to(PKG))] = names
     return found
 
 
-def offenders(folder: str, prefixes: tuple[str, ...]) -> list[str]:
-    return [f"{f}: {m}" for f, mods in imports(folder).items() for m in sorted(mods)
-            if m.startswith(prefixes)]
+def offenders(folder: str, prefixes: tuple[str, ...], allow: tuple[str, ...] = ()) -> list[str]:
+    """Imports of `folder`'s modules that start with one of `prefixes` (files in `allow`
+    excepted)."""
+    return [f"{f}: {m}" for f, mods in imports(folder).items() if f not in allow
+            for m in sorted(mods) if m.startswith(prefixes)]
 
 
-def test_engine_never_imports_api():
-    assert offenders("engine", ("tpaserve.api",)) == []
+RULES = [
+    # (folder, forbidden prefixes, files allowed to break the rule)
+    ("api", ("tpaserve.engine.scheduler", "tpaserve.engine.block_manager",
+             "tpaserve.engine.request", "tpaserve.runner", "tpaserve.core",
+             "tpaserve.kernels", "torch"), ()),
+    ("frontend", ("tpaserve.runner", "tpaserve.kernels", "tpaserve.api", "torch"), ()),
+    ("frontend", ("tpaserve.core",), ("frontend/core_client.py",)),
+    ("engine", ("tpaserve.api", "tpaserve.frontend", "tpaserve.core", "tpaserve.runner",
+                "tpaserve.kernels", "tpaserve.models", "torch", "triton", "numpy"), ()),
+    ("core", ("tpaserve.api", "tpaserve.frontend"), ()),
+    ("runner", ("tpaserve.api", "tpaserve.frontend", "tpaserve.core"), ()),
+    ("models", ("tpaserve.engine", "tpaserve.runner", "tpaserve.core", "tpaserve.frontend",
+                "tpaserve.api"), ()),
+    ("kernels", ("tpaserve.engine", "tpaserve.runner", "tpaserve.core", "tpaserve.frontend",
+                 "tpaserve.api", "tpaserve.models"), ()),
+    # the package's top-level modules (config, args, exceptions, sampling_params) are pure
+    ("", ("torch", "triton", "tpaserve.engine", "tpaserve.runner", "tpaserve.core",
+          "tpaserve.api"), ("__init__.py", "__main__.py")),
+]
 
 
-def test_kernels_import_nothing_from_engine():
-    assert offenders("kernels", ("tpaserve.engine",)) == []
+@pytest.mark.parametrize("folder,forbidden,allow", RULES,
+                         ids=[f"{r[0] or 'top'}-{r[1][0]}" for r in RULES])
+def test_import_rules(folder, forbidden, allow):
+    assert offenders(folder, forbidden, allow) == []
 
 
 def test_only_api_imports_fastapi_and_pydantic():
-    for folder in ("engine", "kernels", "models"):
+    for folder in ("engine", "kernels", "models", "runner", "core", "frontend"):
         assert offenders(folder, ("fastapi", "pydantic", "starlette", "uvicorn")) == []
 
 
-def test_scheduler_and_block_manager_load_no_torch():
-    code = ("import sys, tpaserve.engine.scheduler, tpaserve.engine.block_manager; "
-            "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+def test_exceptions_live_in_one_module():
+    """Every exception class of the package is defined in tpaserve/exceptions.py, but the
+    HTTP layer's own (api/errors.py) and the kernels' input check."""
+    allowed = {"exceptions.py", "api/errors.py", "kernels/_validate.py",
+               "frontend/core_client.py"}       # CoreStartError: the CLI's, of spawning
+    found = []
+    for path in PKG.rglob("*.py"):
+        rel = str(path.relative_to(PKG))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                    getattr(b, "id", getattr(b, "attr", "")).endswith(("Error", "Exception"))
+                    for b in node.bases) and rel not in allowed:
+                found.append(f"{rel}: {node.name}")
+    assert found == []
+
+
+def loads(code: str) -> set[str]:
+    """The top-level packages a fresh interpreter has loaded after `code`."""
+    out = subprocess.run([sys.executable, "-c", code + "; import sys; print(sorted(sys.modules))"],
+                         capture_output=True, text=True, check=True)
+    return set(eval(out.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("entry", [
+    "import tpaserve.engine.scheduler, tpaserve.engine.block_manager, tpaserve.engine.messages",
+    # the API process: HTTP, output processing, the core client, the CLI
+    "import tpaserve.api.server, tpaserve.api.cli, tpaserve.frontend.async_llm",
+    "import tpaserve.args, tpaserve.config, tpaserve.sampling_params, tpaserve.exceptions",
+])
+def test_entry_points_load_no_torch(entry):
+    """The control plane and the whole API process run without torch (nor numpy's share of
+    it): the engine core process is the only one that loads it."""
+    assert "torch" not in loads(entry)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tpaserve.exceptions import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration value a user gave (flag, config.json field) is invalid."""
+__all__ = ["ConfigError", "ModelConfig", "CacheConfig", "SchedulerConfig", "EngineConfig",
+           "MAX_SCHEDULER_STEPS"]
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,13 @@ class SchedulerConfig:
     max_num_seqs: int = 128              # running requests at once
     max_model_len: int | None = None     # None: the model's max_position
     max_queued_requests: int | None = None
-    # decode steps per scheduling round when every running request only decodes (see
-    # Scheduler._extend_decode): host work once per round, not once per token
-    num_scheduler_steps: int = 1
+    # decode steps per scheduling round (see Scheduler._round_steps): host work once per
+    # round, not once per token. None: the core picks (8 on CUDA, 1 on the CPU).
+    num_scheduler_steps: int | None = 1
 
     def __post_init__(self) -> None:
-        if not 1 <= self.num_scheduler_steps <= MAX_SCHEDULER_STEPS:
+        if self.num_scheduler_steps is not None and \
+                not 1 <= self.num_scheduler_steps <= MAX_SCHEDULER_STEPS:
             raise ConfigError(f"--num-scheduler-steps must be in [1, {MAX_SCHEDULER_STEPS}], "
                               f"got {self.num_scheduler_steps}")
         if self.max_num_batched_tokens < 1:
@@ -110,21 +112,29 @@ class SchedulerConfig:
             raise ConfigError(f"--max-num-seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"--max-model-len must be >= 1, got {self.max_model_len}")
-        if self.max_queued_requests is not None and self.max_queued_requests < 0:
+        # 0 would refuse every request: all of them pass through the waiting queue
+        if self.max_queued_requests is not None and self.max_queued_requests < 1:
             raise ConfigError(
-                f"--max-queued-requests must be >= 0, got {self.max_queued_requests}")
+                f"--max-queued-requests must be >= 1, got {self.max_queued_requests} (every "
+                f"request waits in the queue before it runs; leave it out for no bound)")
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: ModelConfig
+    """What an engine core is built from. Plain values only: it is pickled to the engine core
+    process. `model` is a checkpoint directory; device and dtype may be "auto" and
+    num_scheduler_steps None: the core resolves them where torch runs and reports the
+    resolved values back (engine/messages.EngineInfo)."""
+    model: str = ""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    dtype: str = "float32"
-    device: str = "cpu"
+    dtype: str = "auto"
+    device: str = "auto"
     enforce_eager: bool = False
     seed: int = 0
-
-    @property
-    def max_model_len(self) -> int:
-        return self.scheduler.max_model_len or self.model.max_position
+    # prepare step N+1 while the device runs step N (Scheduler: placeholders)
+    async_scheduling: bool = True
+    # from the tokenizer, which the frontend loads: the sampler never draws ids past
+    # vocab_size (a model's embedding is often padded beyond it); eos ends a request
+    eos_token_id: int | None = None
+    vocab_size: int | None = None

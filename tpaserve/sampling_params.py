@@ -15,6 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from tpaserve.exceptions import SamplingParamsError
+
+__all__ = ["SamplingParams", "SamplingParamsError"]
+
 MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0
@@ -24,15 +28,6 @@ SEED_RANGE = (-2**63, 2**64 - 1)   # what torch.Generator.manual_seed accepts
 # Temperatures below this are treated as greedy: dividing fp32 logits by a smaller number
 # can overflow to inf and turn the softmax into NaN. vLLM uses the same threshold.
 GREEDY_TEMPERATURE = 1e-5
-
-
-class SamplingParamsError(ValueError):
-    """A request knob is invalid. `param` is the OpenAI field name, `value` what was given."""
-
-    def __init__(self, param: str, value: Any, requirement: str):
-        super().__init__(f"{param} {requirement}, got {value!r}")
-        self.param = param
-        self.value = value
 
 
 def _check_int(name: str, v: Any, lo: int | None = None, hi: int | None = None) -> int:

@@ -6,7 +6,7 @@
 The generated JSON is committed (deploy/grafana/dashboards/, provisioned by Grafana as
 files); tests/deploy checks that regenerating it gives the same bytes and that every metric
 a query names is on a live server's /metrics. Metric names come from the one place that
-defines them, tpaserve/engine/metrics.py: only names defined there may appear here.
+defines them, tpaserve/frontend/metrics.py: only names defined there may appear here.
 
 Every query filters on the `model_name` variable (multi-select; `=~` takes "All") and
 aggregates `by (model_name)`, so several replicas of one model add up and models stay

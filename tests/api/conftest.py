@@ -6,6 +6,7 @@ save_checkpoint) and a tiny sentencepiece tokenizer, driven over HTTP.
   ref_model    session: the same weights, loaded in the test process (reference logprobs)
   server       session: the shared server (API key on, prefix caching off, 64 KiB body limit)
   start_server factory for servers with other flags; each is killed at the end of its test
+  async_llm    an AsyncLLM with its core process ready, for apps run in the test process
 
 The server binds port 0 and logs the URL it got, so tests never race for a port. Every
 process started here is killed (terminate, then kill) however the test ends.
@@ -113,8 +114,11 @@ def launch(checkpoint: Path, log: Path, *flags: str, api_key: str | None = API_K
     full_env = dict(os.environ, OMP_NUM_THREADS="1", TPASERVE_API_KEY=api_key or "")
     full_env.update(env or {})
     with open(log, "wb") as out:
+        # its own process group (with its engine core): a test may signal the whole group,
+        # as Ctrl-C in a terminal does, without hitting pytest
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=full_env,
-                                cwd=Path(__file__).resolve().parents[2])
+                                cwd=Path(__file__).resolve().parents[2],
+                                start_new_session=True)
     server = Server(proc, "", log, api_key)
     try:
         _wait_ready(server)
@@ -165,6 +169,25 @@ def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
         yield s
     finally:
         stop(s)
+
+
+def make_async_llm(checkpoint: Path, **engine_args):
+    """An AsyncLLM over the checkpoint (CPU), its core process ready: for apps run in the
+    test process. Stop it with llm.core.stop() (the app's lifespan does it too)."""
+    from tpaserve.args import EngineArgs
+    from tpaserve.frontend.async_llm import AsyncLLM
+    args = EngineArgs(model=str(checkpoint), device="cpu", **engine_args)
+    tok = args.load_tokenizer()
+    llm = AsyncLLM(args.create_engine_config(tok), tok)
+    llm.wait_ready(timeout=STARTUP_TIMEOUT)
+    return llm
+
+
+@pytest.fixture
+def async_llm(checkpoint: Path):
+    llm = make_async_llm(checkpoint, num_blocks=64)
+    yield llm
+    llm.shutdown(timeout=5)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.api.conftest import MODEL_NAME
+from tpaserve import args as args_module
 from tpaserve.api import cli
 
 
@@ -48,7 +49,7 @@ def test_help_documents_every_flag():
 @pytest.mark.parametrize("args,needle", [
     (["--port", "http"], "--port"), (["--cache-memory", "4XB"], "4XB"),
     (["--gpu-memory-utilization", "1.5"], "(0, 1]"), (["--dtype", "int8"], "int8"),
-    (["--block-size", "0"], ">= 1"), (["--no-such-flag"], "--no-such-flag"),
+    (["--block-size", "0"], "[1, 1024]"), (["--no-such-flag"], "--no-such-flag"),
     (["--model", "/definitely/not/here"], "/definitely/not/here"),
 ])
 def test_bad_flags_exit_with_one_line(args, needle):
@@ -81,7 +82,10 @@ def main_error(capsys, *argv: str) -> str:
 
 
 def test_checkpoint_and_tokenizer_and_config_errors_are_one_line(capsys, tmp_path, checkpoint):
-    assert "no weights" in main_error(capsys, "--model", str(tmp_path))
+    assert "no config.json" in main_error(capsys, "--model", str(tmp_path))
+    (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
+    err = main_error(capsys, "--model", str(tmp_path))
+    assert "no weights" in err and "model.safetensors" in err
     (tmp_path / "tok").mkdir()
     err = main_error(capsys, "--model", str(checkpoint), "--tokenizer", str(tmp_path / "tok"))
     assert "no tokenizer found" in err and "tokenizer.model" in err
@@ -91,7 +95,7 @@ def test_checkpoint_and_tokenizer_and_config_errors_are_one_line(capsys, tmp_pat
 
 
 def test_missing_demo_model_is_one_line(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "DEMO_DIR", tmp_path / "missing")
+    monkeypatch.setattr(args_module, "DEMO_DIR", tmp_path / "missing")
     assert "--model" in main_error(capsys)
 
 

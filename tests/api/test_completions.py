@@ -9,7 +9,7 @@ import math
 import pytest
 
 from tests.api.conftest import MODEL_NAME
-from tpaserve.models.generate import reference_prompt_logprobs
+from tests.reference import reference_prompt_logprobs
 
 PROMPT = "the quick brown fox jumps over"
 GREEDY = dict(temperature=0, max_tokens=12, extra_body={"ignore_eos": True})

@@ -4,6 +4,8 @@ paths, 413 bodies (declared or chunked), 503 + Retry-After for a full queue."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import httpx
 import openai
@@ -165,13 +167,11 @@ def test_oversized_body_is_413(server):
     assert ok.status_code == 200
 
 
-def test_queue_full_is_503_with_retry_after(start_server):
-    s = start_server("--max-queued-requests", "0")
-    r = httpx.post(f"{s.url}/v1/completions", json={"model": MODEL_NAME, "prompt": PROMPT})
-    err = error_of(r, 503, "service_unavailable_error")
-    assert err["code"] == "queue_full" and int(r.headers["retry-after"]) >= 1
-    with pytest.raises(openai.InternalServerError):
-        s.client().chat.completions.create(model=MODEL_NAME, messages=[
-            {"role": "user", "content": "x"}], stream=True)
-    # the open endpoints still answer
-    assert httpx.get(f"{s.url}/health").status_code == 200
+def test_a_queue_bound_that_refuses_everything_is_refused_at_start_up():
+    """--max-queued-requests 0 would refuse every request (all pass through the queue)
+    while /health says 200: one line at start-up instead. (Queue full under load, 503 +
+    Retry-After: tests/reliability/test_overload.py.)"""
+    r = subprocess.run([sys.executable, "-m", "tpaserve", "--max-queued-requests", "0",
+                        "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "--max-queued-requests must be >= 1" in r.stderr

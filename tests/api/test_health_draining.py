@@ -3,12 +3,10 @@ drains after SIGTERM; the OpenAPI document declares the bearer key when one is s
 from starlette.testclient import TestClient
 
 from tpaserve.api.server import build_app
-from tpaserve.engine.factory import build_engine
 
 
-def test_health_turns_503_while_draining(checkpoint):
-    engine = build_engine(str(checkpoint), device="cpu", num_blocks=64)
-    app = build_app(engine, "tiny", api_key="k")
+def test_health_turns_503_while_draining(async_llm):
+    app = build_app(async_llm, "tiny", api_key="k")
     with TestClient(app) as http:
         assert http.get("/health").status_code == 200
         app.state.draining = True
@@ -20,11 +18,10 @@ def test_health_turns_503_while_draining(checkpoint):
         assert "security" not in spec["paths"]["/health"]["get"]
 
 
-def test_unknown_fields_are_refused_naming_them(checkpoint):
+def test_unknown_fields_are_refused_naming_them(async_llm):
     """Nothing a client sends is dropped silently: an unknown field is a 400 naming it,
     as OpenAI answers (stream_options.continuous_usage_stats included: not supported)."""
-    engine = build_engine(str(checkpoint), device="cpu", num_blocks=64)
-    app = build_app(engine, "tiny")
+    app = build_app(async_llm, "tiny")
     with TestClient(app) as http:
         for body, param in [
             ({"prompt": "hi", "frobnicate": 1}, "frobnicate"),

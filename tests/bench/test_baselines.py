@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from bench import baseline_hf, baseline_recompute, make_random_checkpoint
-from bench.metrics import summarize
 from bench.client import RequestResult
+from bench.metrics import summarize
+from tests.reference import reference_generate
 from tpaserve.config import ModelConfig
-from tpaserve.models.generate import reference_generate
 from tpaserve.models.loader import load
 from tpaserve.models.t6 import T6
 from tpaserve.models.tokenizer import load_tokenizer

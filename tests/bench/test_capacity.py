@@ -8,7 +8,7 @@ import torch
 
 from bench import capacity
 from bench.presets import PRESETS, model_config
-from tpaserve.engine.factor_cache import FactorCacheSpec
+from tpaserve.runner.factor_cache import FactorCacheSpec
 
 # TPA.md section 2: numbers per token per layer, TPA and the same-size MHA
 PAPER = {"t6-small": (392, 1536), "t6-medium": (444, 2048), "t6-large": (500, 2560),

@@ -1,5 +1,5 @@
 """Metric names are an interface: the dashboards, alert rules and the autoscaler may only
-query names that tpaserve/engine/metrics.py defines and a live server exposes, and the
+query names that tpaserve/frontend/metrics.py defines and a live server exposes, and the
 committed dashboard JSON is exactly what build_dashboards.py generates."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import yaml
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
-import tpaserve.engine.metrics as metrics_module
+import tpaserve.frontend.metrics as metrics_module
 from tests.api.conftest import MODEL_NAME
 from tests.deploy.conftest import DEPLOY, REPO, scrape
 
@@ -58,7 +58,7 @@ def autoscaler_queries() -> list[str]:
 
 
 def defined_sample_names() -> set[str]:
-    """The sample names the collectors in engine/metrics.py expose."""
+    """The sample names the collectors in frontend/metrics.py expose."""
     names = set()
     for obj in vars(metrics_module).values():
         if not isinstance(obj, MetricWrapperBase):
@@ -131,12 +131,12 @@ def test_every_queried_metric_is_defined_and_exposed(metrics_server):
         assert names <= defined
 
 
-def test_metrics_are_defined_only_in_engine_metrics():
+def test_metrics_are_defined_only_in_the_metrics_module():
     """No other module of the package creates a Prometheus metric."""
     kinds = {"Counter", "Gauge", "Histogram", "Summary", "Info", "Enum"}
     offenders = []
     for path in (REPO / "tpaserve").rglob("*.py"):
-        if path.name == "metrics.py" and path.parent.name == "engine":
+        if path.name == "metrics.py" and path.parent.name == "frontend":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module == "prometheus_client":

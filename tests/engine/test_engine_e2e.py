@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from tests.models.conftest import train_spm
+from tests.reference import reference_generate, reference_prompt_logprobs
 from tpaserve.config import ModelConfig
-from tpaserve.engine.factory import build_engine
-from tpaserve.engine.llm_engine import MAX_CONSECUTIVE_FAILURES, EngineDeadError, LLMEngine
-from tpaserve.engine.outputs import RequestOutput
-from tpaserve.engine.scheduler import RequestRejected
+from tpaserve.core.engine_core import MAX_CONSECUTIVE_FAILURES
+from tpaserve.exceptions import EngineDeadError, RequestRejected
+from tpaserve.frontend.llm_engine import LLMEngine, build_engine
+from tpaserve.frontend.outputs import RequestOutput
 from tpaserve.models.attention import FullSequenceAttention
-from tpaserve.models.generate import reference_generate, reference_prompt_logprobs
 from tpaserve.models.t6 import T6
 from tpaserve.sampling_params import SamplingParams
 
@@ -57,11 +57,15 @@ ENGINE_ARGS = dict(num_blocks=128, block_size=4, max_num_batched_tokens=64, max_
                    device="cpu")
 
 
-@pytest.fixture(autouse=True, params=[1, 4], ids=["steps1", "steps4"])
+@pytest.fixture(autouse=True, params=[(1, False), (1, True), (4, True)],
+                ids=["steps1-sync", "steps1-async", "steps4-async"])
 def scheduler_steps(request, monkeypatch):
-    """Every test runs with ordinary steps and with multi-step decode rounds of 4."""
-    monkeypatch.setitem(ENGINE_ARGS, "num_scheduler_steps", request.param)
-    return request.param
+    """Every test runs with ordinary steps, with async scheduling (a step in flight while
+    the next is planned), and with multi-step decode rounds of 4 on top."""
+    steps, overlap = request.param
+    monkeypatch.setitem(ENGINE_ARGS, "num_scheduler_steps", steps)
+    monkeypatch.setitem(ENGINE_ARGS, "async_scheduling", overlap)
+    return steps
 
 
 def engine(model: T6, **kw) -> LLMEngine:
@@ -70,8 +74,8 @@ def engine(model: T6, **kw) -> LLMEngine:
 
 def record_steps(eng: LLMEngine) -> list:
     """Wraps runner.execute; returns the list the scheduler outputs are appended to."""
-    steps, execute = [], eng.runner.execute
-    eng.runner.execute = lambda sched: steps.append(sched) or execute(sched)
+    steps, execute = [], eng.core.runner.execute
+    eng.core.runner.execute = lambda sched: steps.append(sched) or execute(sched)
     return steps
 
 
@@ -105,9 +109,9 @@ def drive(eng: LLMEngine, max_steps: int = 5000, check_stream: bool = True
 
 
 def assert_drained(eng: LLMEngine) -> None:
-    s, bm = eng.scheduler, eng.blocks
+    s, bm = eng.core.scheduler, eng.core.blocks
     bm.check()
-    assert not eng.has_unfinished_requests() and not eng.groups and not eng.seq_to_group
+    assert not eng.has_unfinished_requests() and not eng.processor.requests and not eng.processor.seq_to_request
     assert not s.requests and not s.waiting and not s.running
     assert bm.tables == {} and bm.num_free == bm.num_blocks
 
@@ -153,7 +157,7 @@ def test_preemption_under_a_small_cache_keeps_outputs(model):
               for i in range(10)]
     eng = engine(model, num_blocks=12, block_size=4)            # 48 token slots in all
     done = run(eng, [(str(i), p, sp) for i, (p, sp) in enumerate(zip(prompts, params))])
-    assert eng.scheduler.num_preemptions > 0
+    assert eng.core.scheduler.num_preemptions > 0
     for i, (p, sp) in enumerate(zip(prompts, params)):
         assert tokens(done[str(i)]) == reference_generate(model, p, sp, None), i
     assert_drained(eng)
@@ -165,10 +169,11 @@ def test_chunked_prefill_under_a_small_token_budget(model):
     eng = engine(model, max_num_batched_tokens=7)
     steps = record_steps(eng)
     done = run(eng, [(str(i), p, sp) for i, p in enumerate(prompts)])
-    partial = [r for s in steps for r in s.requests
-               if not r.sample and r.start_pos + r.num_tokens < len(r.prompt_token_ids)]
+    partial = [r for s in steps for r in s.requests if not r.sample]       # prompt chunks
     assert any(r.start_pos > 0 for r in partial), "a prompt was computed in several chunks"
-    assert all(s.num_tokens <= 7 for s in steps)
+    # the budget holds for every model step (a round's later steps compute one position
+    # per request, and step 0 holds them all)
+    assert all(sum(r.num_tokens for r in s.requests) <= 7 for s in steps)
     for i, p in enumerate(prompts):
         assert tokens(done[str(i)]) == reference_generate(model, p, sp, None)
     assert_drained(eng)
@@ -183,7 +188,7 @@ def test_shared_prefixes_hit_the_prefix_cache(model):
     first = run(eng, [("warm", prompts[0], sp)])
     assert first["warm"].num_cached_tokens == 0
     done = run(eng, [(str(i), p, sp) for i, p in enumerate(prompts)])
-    assert eng.blocks.prefix_hits > 0
+    assert eng.core.blocks.prefix_hits > 0
     assert all(done[str(i)].num_cached_tokens >= 24 for i in range(8))
     for i, p in enumerate(prompts):
         assert tokens(done[str(i)]) == reference_generate(model, p, sp, None)
@@ -191,7 +196,7 @@ def test_shared_prefixes_hit_the_prefix_cache(model):
     # the same prefix in one batch: later requests hit blocks computed in the same step
     eng2 = engine(model, num_blocks=64, block_size=4)
     done = run(eng2, [(str(i), p, sp) for i, p in enumerate(prompts)])
-    assert eng2.blocks.prefix_hits > 0
+    assert eng2.core.blocks.prefix_hits > 0
     for i, p in enumerate(prompts):
         assert tokens(done[str(i)]) == reference_generate(model, p, sp, None)
     assert_drained(eng2)
@@ -204,7 +209,7 @@ def test_prefix_cache_hits_after_preemption_and_eviction(t6):
     sp = SamplingParams(max_tokens=14, **GREEDY)
     eng = engine(t6, num_blocks=14, block_size=4, max_num_batched_tokens=16)
     done = run(eng, [(str(i), p, sp) for i, p in enumerate(prompts)])
-    assert eng.scheduler.num_preemptions > 0 and eng.blocks.prefix_hits > 0
+    assert eng.core.scheduler.num_preemptions > 0 and eng.core.blocks.prefix_hits > 0
     for i, p in enumerate(prompts):
         assert tokens(done[str(i)]) == reference_generate(t6, p, sp, None)
     assert_drained(eng)
@@ -222,8 +227,8 @@ def test_follow_up_after_same_step_preemption_reads_only_written_blocks(t6):
     eng.add_request("Y", list(range(30, 58)), SamplingParams(max_tokens=4, **GREEDY), priority=1)
     eng.step()
     eng.step()
-    assert eng.scheduler.num_preemptions == 2
-    follow = eng.scheduler.requests["X#0"].token_ids + [1, 2, 3]
+    assert eng.core.scheduler.num_preemptions == 2
+    follow = eng.core.scheduler.requests["X#0"].token_ids + [1, 2, 3]
     eng.add_request("W", follow, SamplingParams(max_tokens=6, **GREEDY), priority=-1)
     done = drive(eng, check_stream=False)
     assert tokens(done["W"]) == reference_generate(t6, follow, SamplingParams(max_tokens=6,
@@ -244,7 +249,7 @@ def test_seeded_sampling_is_reproducible_across_batch_mixes(model):
     mix = noise[:5] + targets[::-1] + noise[5:]
     eng = engine(model, num_blocks=20, max_num_batched_tokens=9, block_size=4)
     mixed = run(eng, mix)
-    assert eng.scheduler.num_preemptions > 0
+    assert eng.core.scheduler.num_preemptions > 0
     for rid, _, _ in targets:
         assert tokens(alone[rid]) == want[rid] == tokens(mixed[rid]), rid
     assert_drained(eng)
@@ -255,13 +260,13 @@ def test_n_siblings_share_prompt_blocks_and_are_seeded_reproducibly(model):
     sp = SamplingParams(n=3, max_tokens=10, seed=42, **SAMPLED)
     eng = engine(model, block_size=4)
     tables = []
-    schedule = eng.scheduler.schedule
+    schedule = eng.core.scheduler.schedule
 
     def spy():
         out = schedule()
-        tables.append({rid: list(t) for rid, t in eng.blocks.tables.items()})
+        tables.append({rid: list(t) for rid, t in eng.core.blocks.tables.items()})
         return out
-    eng.scheduler.schedule = spy
+    eng.core.scheduler.schedule = spy
     done = run(eng, [("g", prompt, sp)])
     shared = [t for t in tables if {"g#0", "g#1", "g#2"} <= t.keys()]
     assert shared and all(t["g#1"][:4] == t["g#0"][:4] == t["g#2"][:4] for t in shared)
@@ -328,7 +333,7 @@ def test_prompt_logprobs_with_generation_preemption_and_n(t6):
     sp = SamplingParams(max_tokens=10, prompt_logprobs=2, n=2, **GREEDY)
     eng = engine(t6, num_blocks=16, block_size=4, max_num_batched_tokens=6)
     done = run(eng, [(str(i), p, sp) for i, p in enumerate(prompts)])
-    assert eng.scheduler.num_preemptions > 0
+    assert eng.core.scheduler.num_preemptions > 0
     for i, p in enumerate(prompts):
         assert_logprob_entries(done[str(i)].prompt_logprobs, reference_prompt_logprobs(t6, p, 2))
         want = reference_generate(t6, p, sp, None)
@@ -462,16 +467,16 @@ def test_abort_mid_generation_frees_blocks_at_once(model):
         eng.add_request(str(i), p, sp if i != 2 else SamplingParams(n=2, max_tokens=30, **GREEDY))
     for _ in range(4):
         eng.step()
-    assert eng.blocks.table("1#0") and eng.blocks.table("2#1")
-    used = eng.blocks.num_used
+    assert eng.core.blocks.table("1#0") and eng.core.blocks.table("2#1")
+    used = eng.core.blocks.num_used
     eng.abort_request("1")                        # running
     eng.abort_request("2")                        # running, both siblings
     eng.abort_request("4")                        # still waiting (max_num_seqs=4)
     eng.abort_request("nope")
-    eng.blocks.check()
-    assert eng.blocks.num_used < used
-    assert all(eng.blocks.table(r) == [] for r in ("1#0", "2#0", "2#1", "4#0"))
-    assert set(eng.scheduler.requests) == {"0#0", "3#0"}
+    eng.core.blocks.check()
+    assert eng.core.blocks.num_used < used
+    assert all(eng.core.blocks.table(r) == [] for r in ("1#0", "2#0", "2#1", "4#0"))
+    assert set(eng.core.scheduler.requests) == {"0#0", "3#0"}
     done = drive(eng, check_stream=False)         # steps before drive() were not collected
     assert set(done) == {"0", "3"}
     for i in (0, 3):
@@ -502,30 +507,35 @@ def test_failed_step_fails_only_its_requests_and_engine_goes_on(model):
     prompts = random_prompts(4, 5, 15, seed=81)
     sp = SamplingParams(max_tokens=8, **GREEDY)
     eng = engine(model, max_num_seqs=2)
-    execute, calls = eng.runner.execute, []
+    execute, calls = eng.core.runner.execute, []
 
     def flaky(sched):
-        calls.append([r.request_id for r in sched.requests])
-        if len(calls) == 3:
-            raise RuntimeError("device fell over")
+        if sched.requests:
+            calls.append([r.request_id for r in sched.requests])
+            if len(calls) == 3:
+                raise RuntimeError("device fell over")
         return execute(sched)
-    eng.runner.execute = flaky
+    eng.core.runner.execute = flaky
     for i, p in enumerate(prompts):
         eng.add_request(str(i), p, sp)
     outs = []
-    for _ in range(3):
+    while len(calls) < 3:
         outs.append(eng.step())
-    failed = outs[-1]
-    assert {o.request_id for o in failed} == {r.split("#")[0] for r in calls[2]} == {"0", "1"}
-    for o in failed:
-        assert o.finished and o.error and "device fell over" in o.error
-        assert o.outputs[0].finish_reason == "error"
-    assert not eng.blocks.cached                  # half-written blocks may be hashed: dropped
-    eng.blocks.check()
-    done = drive(eng)
-    assert set(done) == {"2", "3"}
-    for i in (2, 3):
-        assert tokens(done[str(i)]) == reference_generate(model, prompts[i], sp, None)
+    # (with async scheduling the call also returns the step before's outputs)
+    failed = {o.request_id for o in outs[-1] if o.error is not None}
+    assert failed == {r.split("#")[0] for r in calls[2]} and len(failed) == 2
+    for o in outs[-1]:
+        if o.error is not None:
+            assert o.finished and o.error.kind == "step_failed"
+            assert "device fell over" in o.error.message
+            assert o.outputs[0].finish_reason == "error"
+    assert not eng.core.blocks.cached                  # the failed step's blocks: dropped
+    eng.core.blocks.check()
+    done = {o.request_id: o for step in outs for o in step if o.finished and o.error is None}
+    done.update(drive(eng))
+    assert set(done) == {"0", "1", "2", "3"} - failed
+    for i, out in done.items():
+        assert tokens(out) == reference_generate(model, prompts[int(i)], sp, None)
     more = run(eng, [("late", prompts[0], sp)])
     assert tokens(more["late"]) == reference_generate(model, prompts[0], sp, None)
     assert_drained(eng)
@@ -536,7 +546,7 @@ def test_consecutive_failures_kill_the_engine(t6):
 
     def broken(sched):
         raise RuntimeError("still broken")
-    eng.runner.execute = broken
+    eng.core.runner.execute = broken
     for k in range(MAX_CONSECUTIVE_FAILURES - 1):
         eng.add_request(str(k), [1, 2, 3], SamplingParams(max_tokens=3))
         outs = eng.step()

@@ -1,15 +1,17 @@
-"""The engine on CUDA (Triton kernels + decode CUDA graphs) against the same engine with the
-torch reference ops: greedy tokens of a mixed prefill/decode workload must agree. fp32
-weights so that kernel rounding (tf32 dots) cannot flip an argmax except on near-ties."""
+"""The engine on CUDA (Triton kernels, CUDA graphs, multi-step rounds, async scheduling)
+against the same engine with the torch reference ops and none of that: greedy tokens of a
+mixed prefill/decode workload must agree (fp32 weights, so that kernel rounding (tf32 dots)
+cannot flip an argmax except on near-ties). And a step never waits for the device: the
+runner's execute() runs under torch's sync debug mode set to raise."""
 import random
 
 import pytest
 import torch
 
 from tpaserve.config import ModelConfig
-from tpaserve.engine.factory import build_engine
-from tpaserve.engine.paged_attention import TorchOps
+from tpaserve.frontend.llm_engine import build_engine
 from tpaserve.models import T6
+from tpaserve.runner.attention import TorchOps
 from tpaserve.sampling_params import SamplingParams
 
 pytestmark = [pytest.mark.gpu,
@@ -38,14 +40,51 @@ def test_kernels_and_graphs_match_reference_engine(q_rank):
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     kw = dict(num_blocks=1024, block_size=16, max_num_batched_tokens=256, max_num_seqs=24)
     fast = build_engine(model, **kw)           # CUDA defaults: graphs, multi-step rounds
-    assert fast.runner.graphs is not None and fast.runner.ops is not TorchOps
-    assert fast.config.scheduler.num_scheduler_steps > 1
-    rounds, execute = [], fast.runner.execute
-    fast.runner.execute = lambda s: rounds.append(s.num_steps) or execute(s)
+    assert fast.core.runner.graphs is not None and fast.core.runner.ops is not TorchOps
+    assert fast.core.config.scheduler.num_scheduler_steps > 1 and fast.core.async_scheduling
+    rounds, execute = [], fast.core.runner.execute
+    fast.core.runner.execute = lambda s: rounds.append(s.num_steps) or execute(s)
     ref = build_engine(model, enforce_eager=True, num_scheduler_steps=1, **kw)
-    ref.runner.ops = TorchOps
+    ref.core.runner.ops = TorchOps
     a, b = _run(fast, prompts, params), _run(ref, prompts, params)
     assert max(rounds) > 1
     agree = sum(x == y for x, y in zip(a, b))
     assert agree >= len(prompts) - 1, f"{agree}/{len(prompts)} identical"
-    assert fast.blocks.num_free == fast.blocks.num_blocks
+    assert fast.core.blocks.num_free == fast.core.blocks.num_blocks
+
+
+def test_execute_never_waits_for_the_device():
+    """Every kind of step (mixed graphs, decode graphs, rounds, eager steps with prompt
+    logprobs, every sampler knob but the history ones) is enqueued without a host-device
+    synchronisation: the async core plans the next step while the device runs this one."""
+    cfg = ModelConfig(n_layer=2, n_head=47, head_dim=64, n_embd=256, vocab_size=2048, k_rank=2,
+                      v_rank=2, q_rank=6, max_position=1024)
+    model = T6(cfg).init_random(0).to("cuda", torch.bfloat16).eval()
+    rng = random.Random(1)
+    knobs = [dict(temperature=0), dict(temperature=0.8, seed=5), dict(top_p=0.9, top_k=20),
+             dict(min_p=0.1), dict(logprobs=3), dict(temperature=0, prompt_logprobs=2),
+             dict(n=3, temperature=1.0, seed=9)]
+    prompts = [[rng.randrange(2048) for _ in range(rng.choice([1, 17, 90, 300]))]
+               for _ in range(21)]
+    params = [SamplingParams(max_tokens=rng.choice([1, 9, 30]), ignore_eos=True,
+                             **knobs[i % len(knobs)]) for i in range(len(prompts))]
+    kw = dict(num_blocks=1024, block_size=16, max_num_batched_tokens=256, max_num_seqs=24)
+    eng = build_engine(model, **kw)
+    warm = _run(eng, prompts[:4], SamplingParams(max_tokens=3))     # Triton compiles here
+    assert warm
+    kinds, execute = [], eng.core.runner.execute
+
+    def strict(sched):
+        kinds.append((sched.num_steps, sum(r.num_tokens for r in sched.requests)))
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return execute(sched)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    eng.core.runner.execute = strict
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        eng.add_request(str(i), p, sp)
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert any(k > 1 for k, _ in kinds) and any(t > 100 for _, t in kinds)
+    assert eng.core.blocks.num_free == eng.core.blocks.num_blocks

@@ -7,10 +7,10 @@ import random
 import pytest
 
 from tests.models.conftest import train_spm
+from tests.reference import reference_generate
 from tpaserve.config import ModelConfig
-from tpaserve.engine.llm_engine import LLM
-from tpaserve.engine.scheduler import RequestRejected
-from tpaserve.models.generate import reference_generate
+from tpaserve.exceptions import RequestRejected
+from tpaserve.frontend.llm import LLM
 from tpaserve.models.t6 import T6
 from tpaserve.sampling_params import SamplingParams
 
@@ -36,9 +36,9 @@ def spm_tokenizer(tmp_path_factory):
 
 def assert_drained(llm: LLM) -> None:
     eng = llm.engine
-    eng.blocks.check()
-    assert not eng.has_unfinished_requests() and not eng.scheduler.requests
-    assert eng.blocks.num_free == eng.blocks.num_blocks and eng.blocks.tables == {}
+    eng.core.blocks.check()
+    assert not eng.has_unfinished_requests() and not eng.core.scheduler.requests
+    assert eng.core.blocks.num_free == eng.core.blocks.num_blocks and eng.core.blocks.tables == {}
 
 
 def test_generate_returns_outputs_in_prompt_order_equal_to_reference(model):

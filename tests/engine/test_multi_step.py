@@ -2,17 +2,26 @@
 reasons as ordinary steps, on the eager path and on the padded CUDA-graph path (run eagerly
 here), while rounds really happen; stops inside a round drop the rest of the round;
 blocks filled during a round are hashed for the prefix cache; rounds only form when every
-request just decodes."""
+scheduled request samples plainly (no logprobs, no knob that reads its output history)."""
 from __future__ import annotations
 
 import pytest
 
-from tests.engine.test_engine_e2e import (GREEDY, SAMPLED, assert_drained, drive, make_model,
-                                          random_prompts, record_steps, run, spm_tokenizer)
+from tests.engine.test_engine_e2e import (
+    GREEDY,
+    SAMPLED,
+    assert_drained,
+    drive,
+    make_model,
+    random_prompts,
+    record_steps,
+    run,
+    spm_tokenizer,
+)
+from tests.reference import reference_generate
 from tpaserve.config import ConfigError
-from tpaserve.engine.cuda_graphs import DecodeGraphs
-from tpaserve.engine.factory import build_engine
-from tpaserve.models.generate import reference_generate
+from tpaserve.frontend.llm_engine import build_engine
+from tpaserve.runner.graphs import StepGraphs
 from tpaserve.sampling_params import SamplingParams
 
 __all__ = ["spm_tokenizer"]      # a fixture, imported for the tokenizer tests
@@ -44,8 +53,10 @@ def test_rounds_give_the_tokens_of_single_steps(t6, graph_path):
     want = {rid: out.outputs[0].token_ids for rid, out in run(engine(t6, 1), reqs).items()}
     eng = engine(t6, 5)
     if graph_path:
-        eng.runner.graphs = DecodeGraphs(t6, eng.cache, eng.runner.ops, [1, 4, 16],
-                                         eng.max_model_len, eng.device, capture=False)
+        r = eng.core.runner
+        r.graphs = StepGraphs(t6, eng.core.cache, r.ops, r.buf, r.workspace, [1, 4, 16],
+                              [16, 64], [4, 32], eng.max_model_len, eng.core.device,
+                              capture=False)
     steps = record_steps(eng)
     got = run(eng, reqs)
     assert {rid: out.outputs[0].token_ids for rid, out in got.items()} == want
@@ -80,7 +91,7 @@ def test_eos_inside_a_round_ends_the_request_there(t6):
     m = make_model(3)
     for steps in (1, 4):
         eng = build_engine(m, num_blocks=64, block_size=4, num_scheduler_steps=steps)
-        eng.eos_token_id = eos         # no tokenizer: set the engine's eos by hand
+        eng.core.eos_token_id = eos         # no tokenizer: set the engine's eos by hand
         out = run(eng, [("x", p, SamplingParams(max_tokens=20, temperature=0))])["x"]
         o = out.outputs[0]
         assert o.token_ids == toks[:cut] and o.finish_reason == "stop"
@@ -143,7 +154,8 @@ def test_rounds_only_when_every_request_just_decodes(t6):
         ids = {r.request_id.split("#")[0] for r in s.requests}
         if s.num_steps > 1:
             assert "b" not in ids                   # logprobs: one token a step
-            assert all(r.num_tokens == 1 for r in s.requests)
+            # step 0 of a round may finish a prompt, but every request samples in it
+            assert all(r.sample for r in s.requests)
     assert any(s.num_steps > 1 for s in steps)      # "a" and "c" alone, at the end
     for knobs in (dict(repetition_penalty=1.3), dict(min_tokens=2), dict(presence_penalty=0.5)):
         eng = engine(t6, 4)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tpaserve.engine.sampler import Sampler, SamplingRow, compute_logprobs
+from tpaserve.runner.sampler import Sampler, SamplingRow, compute_logprobs
 from tpaserve.sampling_params import SamplingParams
 
 V, V_PAD, EOS = 37, 48, 36          # awkward real vocab, padded model vocab

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from tpaserve.config import SchedulerConfig
 from tpaserve.engine.block_manager import BlockManager
-from tpaserve.engine.outputs import RunnerOutput, SchedulerOutput
+from tpaserve.engine.contracts import PLACEHOLDER, RunnerOutput, SchedulerOutput
 from tpaserve.engine.request import Request, RequestStatus
 from tpaserve.engine.scheduler import QueueFull, RequestRejected, Scheduler
 from tpaserve.sampling_params import SamplingParams
@@ -28,10 +28,10 @@ _clock = itertools.count(1)
 
 
 def make(num_blocks=16, block_size=4, budget=64, max_seqs=8, max_len=128, prefix=True,
-         max_queued=None) -> tuple[Scheduler, BlockManager]:
+         max_queued=None, steps=1) -> tuple[Scheduler, BlockManager]:
     bm = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix)
     cfg = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs,
-                          max_queued_requests=max_queued)
+                          max_queued_requests=max_queued, num_scheduler_steps=steps)
     return Scheduler(cfg, bm, max_len), bm
 
 
@@ -48,7 +48,7 @@ def step(s: Scheduler, tokens=None) -> tuple[SchedulerOutput, list[Request]]:
     out = s.schedule()
     s.blocks.check()
     tokens = tokens or {}
-    sampled = {r.request_id: (tokens(r) if callable(tokens) else tokens.get(r.request_id, 7))
+    sampled = {r.request_id: [tokens(r) if callable(tokens) else tokens.get(r.request_id, 7)]
                for r in out.requests if r.sample}
     changed = s.update(out, RunnerOutput(sampled=sampled))
     s.blocks.check()
@@ -268,7 +268,7 @@ def test_rejects_empty_prompt_and_full_queue():
         s.add_request(req("e", []))
     s.add_request(req("a", [1]))
     s.add_request(req("b", [1]))
-    with pytest.raises(QueueFull, match="2 requests waiting"):
+    with pytest.raises(QueueFull, match="2 sequences waiting"):
         s.add_request(req("c", [1]))
     assert list(s.requests) == ["a", "b"]
     step(s)                                    # a and b leave the queue: room again
@@ -408,9 +408,10 @@ def test_preempted_forks_do_not_stall_the_queue():
 
 
 def test_victim_preempted_in_the_step_that_scheduled_it_leaves_no_hashed_unwritten_block():
-    """X's decode token fills a block, which is hashed when scheduled; then Y (later in the
-    running list, higher priority) cannot grow and preempts X and, still short, itself.
-    X's block was never written: a follow-up prompt continuing X's tokens must not hit it."""
+    """X's decode token fills a block; then Y (later in the running list, higher priority)
+    cannot grow and preempts X and, still short, itself. X's block was never written: a
+    follow-up prompt continuing X's tokens must not hit it (blocks are hashed only once a
+    finished step computed them)."""
     s, bm = make(num_blocks=10, block_size=4, budget=16, max_len=64)
     runner = CacheModel(s)
 
@@ -438,6 +439,31 @@ def test_victim_preempted_in_the_step_that_scheduled_it_leaves_no_hashed_unwritt
     drain_and_check(s)
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_block_is_cached_only_once_its_tokens_are_computed(pipelined):
+    """7 prompt tokens + 1 sampled fill two blocks of 4, but position 7 is computed only by
+    the next step. Aborted before that, only block 0 may be cached: a request continuing
+    those 8 tokens must recompute block 1, not read an unwritten slot."""
+    s, bm = make(num_blocks=16, block_size=4, budget=64)
+    runner, pending = CacheModel(s), []
+    a = req("a", range(1, 8), max_tokens=5)
+    s.add_request(a)
+    drive(s, runner, pipelined, pending)
+    if pending:                                   # the async core updates one step later
+        s.update(*pending.pop())
+    assert a.num_tokens == 8 and len(a.block_hashes) == 2
+    s.finish("a", RequestStatus.FINISHED_ABORTED)
+    assert len(bm.cached) == 1
+    b = req("b", a.token_ids + [9, 9], max_tokens=1)
+    s.add_request(b)
+    out = drive(s, runner, pipelined, pending)
+    assert out.requests[0].start_pos == 4 and b.num_cached_tokens == 4
+    while s.has_unfinished() or pending:
+        drive(s, runner, pipelined, pending)
+    assert b.output_token_ids == reference_output(b.prompt_token_ids, 1)
+    drain_and_check(s)
+
+
 # ---- property test: a fake runner with a checkable cache -----------------------------------------
 
 V = 23
@@ -459,40 +485,101 @@ def reference_output(prompt: list[int], max_tokens: int) -> list[int]:
 
 
 class CacheModel:
-    """slot -> the token prefix whose last token's factors the slot holds."""
+    """A fake runner with a checkable cache: slot -> the token prefix whose last token's
+    factors it holds. Like the real runner it keeps its own block tables (from the
+    SchedulerOutput's diffs) and each request's tokens (prompt + its own samples), and it
+    takes a PLACEHOLDER input from the previous step's samples. Executing at launch, in
+    launch order, is the device's stream order: an async engine's update comes later."""
 
     def __init__(self, s: Scheduler):
         self.s, self.slots = s, {}
+        self.tables: dict[str, list[int]] = {}
+        self.seqs: dict[str, list[int]] = {}          # prompt + every sample, by position
+        self.written: dict[str, int] = {}             # positions this request has stored
+        self.last: dict[str, int] = {}                # samples of the previous step
+
+    def finished_req(self, rid: str) -> Request:
+        raise AssertionError(f"{rid} is scheduled but not live")
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        bs, reqs = self.s.blocks.block_size, self.s.requests
+        bs = self.s.blocks.block_size
+        for rid in out.finished_ids:
+            self.tables.pop(rid, None), self.seqs.pop(rid, None), self.written.pop(rid, None)
+        for rid in out.preempted_ids:
+            self.tables.pop(rid, None)
+            self.written[rid] = 0
+        for new in out.new_requests:
+            self.seqs[new.request_id] = list(new.prompt_token_ids)
+        for r in out.requests:
+            if r.reset_blocks:
+                self.tables[r.request_id] = []
+                self.written[r.request_id] = 0
+            self.tables[r.request_id] += r.new_block_ids
         holders: dict[int, list[tuple[str, int]]] = {}     # block -> (request, table index)
-        for rid, table in self.s.blocks.tables.items():
+        for rid, table in self.tables.items():
             for i, b in enumerate(table):
                 holders.setdefault(b, []).append((rid, i))
-        for r in out.requests:                       # 1. store this step's factors
-            ids = reqs[r.request_id].token_ids
-            assert r.token_ids == ids[r.start_pos:r.start_pos + r.num_tokens]
-            for p in range(r.start_pos, r.start_pos + r.num_tokens):
-                b = r.block_ids[p // bs]
-                content = tuple(ids[:p + 1])
-                # never overwrite a slot another request has computed with other content
-                for rid, i in holders[b]:
-                    q = i * bs + p % bs
-                    if rid != r.request_id and reqs[rid].num_computed_tokens > q:
-                        assert tuple(reqs[rid].token_ids[:q + 1]) == content, (r, rid, q)
-                self.slots[b * bs + p % bs] = content
+        last, self.last = self.last, {}
         sampled = {}
-        for r in out.requests:                       # 2. attend: read every earlier slot
-            ids = self.s.requests[r.request_id].token_ids
+        for r in out.requests:
+            rid, seq, table = r.request_id, self.seqs[r.request_id], self.tables[r.request_id]
+            for i, tok in enumerate(r.token_ids):           # the inputs are the tokens known
+                p = r.start_pos + i
+                if tok == PLACEHOLDER:
+                    assert i == r.num_tokens - 1 and rid in last, (rid, p)
+                    tok = last[rid]
+                assert p < len(seq) and seq[p] == tok, (rid, p, tok, seq)
             end = r.start_pos + r.num_tokens
-            assert len(r.block_ids) * bs >= end
-            for p in range(end):
-                slot = r.block_ids[p // bs] * bs + p % bs
-                assert self.slots.get(slot) == tuple(ids[:p + 1]), (r.request_id, p)
+            req = self.s.requests.get(rid) or self.finished_req(rid)
+            # never past the context, never more samples in flight than max_tokens allows
+            assert end + r.num_steps - 1 <= self.s.max_model_len, (rid, end, r.num_steps)
             if r.sample:
-                sampled[r.request_id] = next_token(ids[:end])
+                assert end + r.num_steps - len(req.prompt_token_ids) <= req.max_tokens, rid
+            got = []
+            for step in range(r.num_steps):                 # a round: one position a step
+                lo = r.start_pos if step == 0 else end - 1
+                assert len(table) * bs >= end, (rid, table, end)
+                for p in range(lo, end):                    # store this step's factors
+                    b, content = table[p // bs], tuple(seq[:p + 1])
+                    # never overwrite a slot another request stored with other content
+                    for other, j in holders[b]:
+                        q = j * bs + p % bs
+                        if other != rid and self.written.get(other, 0) > q:
+                            assert tuple(self.seqs[other][:q + 1]) == content, (rid, other, q)
+                    self.slots[b * bs + p % bs] = content
+                self.written[rid] = max(self.written.get(rid, 0), end)
+                for p in range(end):                        # attend: read every earlier slot
+                    slot = table[p // bs] * bs + p % bs
+                    assert self.slots.get(slot) == tuple(seq[:p + 1]), (rid, p)
+                if not r.sample:
+                    break
+                tok = next_token(seq[:end])
+                got.append(tok)
+                if len(seq) == end:
+                    seq.append(tok)
+                else:                       # recomputing after preemption: the same token
+                    assert seq[end] == tok
+                end += 1
+            if r.sample:
+                sampled[rid] = got
+                self.last[rid] = got[-1]
         return RunnerOutput(sampled=sampled)
+
+
+def drive(s: Scheduler, runner: CacheModel, pipelined: bool, pending: list):
+    """One step: sync (schedule, execute, update) or pipelined (schedule and execute step
+    N+1, then update step N: the async engine core's order)."""
+    out = s.schedule()
+    s.blocks.check()
+    res = runner.execute(out)
+    if not pipelined:
+        s.update(out, res)
+        return out
+    if pending:
+        s.update(*pending.pop())
+    if out.requests:
+        pending.append((out, res))
+    return out
 
 
 request_st = st.fixed_dictionaries({
@@ -507,15 +594,19 @@ request_st = st.fixed_dictionaries({
 })
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(reqs=st.lists(request_st, min_size=1, max_size=8),
        num_blocks=st.integers(3, 24), block_size=st.sampled_from([1, 2, 4]),
-       budget=st.integers(1, 24), max_seqs=st.integers(1, 6), prefix=st.booleans())
+       budget=st.integers(1, 24), max_seqs=st.integers(1, 6), prefix=st.booleans(),
+       pipelined=st.booleans(), round_steps=st.sampled_from([1, 1, 3]))
 def test_random_workloads_read_what_was_written(reqs, num_blocks, block_size, budget,
-                                                max_seqs, prefix):
+                                                max_seqs, prefix, pipelined, round_steps):
+    """Every read sees what was written, every output equals the plain loop's, with
+    prefix caching, forks, preemption, aborts, multi-step rounds, and async scheduling."""
     s, bm = make(num_blocks=num_blocks, block_size=block_size, budget=budget,
-                 max_seqs=max_seqs, max_len=96, prefix=prefix)
+                 max_seqs=max_seqs, max_len=96, prefix=prefix, steps=round_steps)
     runner = CacheModel(s)
+    pending: list = []
     live: dict[str, Request] = {}
     done: dict[str, Request] = {}
     for t in range(600):
@@ -544,14 +635,14 @@ def test_random_workloads_read_what_was_written(reqs, num_blocks, block_size, bu
                 for rid in [k for k in live if k.startswith(f"g{gi}#")]:
                     s.finish(rid, RequestStatus.FINISHED_ABORTED)
         bm.check()
-        out = s.schedule()
+        out = drive(s, runner, pipelined, pending)
         bm.check()
-        assert out.num_tokens <= budget and len(s.running) <= max_seqs
-        s.update(out, runner.execute(out))
-        bm.check()
+        # the budget bounds the positions of step 0; a round adds one a step per request
+        assert sum(r.num_tokens for r in out.requests) <= budget
+        assert len(s.running) <= max_seqs
         for rid in [k for k, r in live.items() if r.is_finished]:
             done[rid] = live.pop(rid)
-        if not live and t > 12:
+        if not live and t > 12 and not pending:
             break
     assert not live, f"stalled: waiting {[r.request_id for r in s.waiting]}"
     for r in done.values():

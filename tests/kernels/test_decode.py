@@ -8,8 +8,7 @@ import torch
 
 from tests.kernels.paged_case import TOL, make_case, rel_err
 from tpaserve.kernels import _validate
-from tpaserve.kernels.decode import (DecodeConfig, decode_attention, make_workspace,
-                                     workspace_numel)
+from tpaserve.kernels.decode import DecodeConfig, decode_attention, make_workspace, workspace_numel
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
+from tests.reference import reference_generate, reference_prompt_logprobs
 from tpaserve.config import ModelConfig
 from tpaserve.models.attention import FullSequenceAttention
-from tpaserve.models.generate import reference_generate, reference_prompt_logprobs
 from tpaserve.models.t6 import T6
 from tpaserve.sampling_params import SamplingParams
 

@@ -13,8 +13,13 @@ from safetensors.torch import save_file
 
 from tpaserve.config import ConfigError, ModelConfig
 from tpaserve.models.attention import FullSequenceAttention
-from tpaserve.models.loader import (CheckpointError, load, load_config, resolve_dtype,
-                                    save_checkpoint)
+from tpaserve.models.loader import (
+    CheckpointError,
+    load,
+    load_config,
+    resolve_dtype,
+    save_checkpoint,
+)
 from tpaserve.models.t6 import T6
 
 CFGS = {

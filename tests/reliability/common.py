@@ -9,13 +9,14 @@ other requests) a completed request must still produce exactly that.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tpaserve.engine.output_processor import SequenceState, StopStringMatcher
+from tpaserve.frontend.sequence import SequenceState, StopStringMatcher
 from tpaserve.models.detokenizer import IncrementalDetokenizer
 from tpaserve.sampling_params import SamplingParams
 
@@ -71,6 +72,22 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def core_pid(server) -> int:
+    """The engine core process of a server, from its start-up log line."""
+    m = re.search(r"engine core process (\d+)", server.log.read_text(errors="replace"))
+    assert m, "no engine core pid in the log"
+    return int(m[1])
+
+
+def process_alive(pid: int) -> bool:
+    """True unless the process is gone or a zombie (dead, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def sse_data(lines: list[str]) -> list[str]:
     """The `data:` payloads of an SSE body's lines, in order."""
     return [line[len("data: "):] for line in lines if line.startswith("data: ")]
@@ -106,7 +123,7 @@ def expected_output(tokenizer, prompt_ids: list[int], ref_tokens: list[int],
             reason = "stop"
         elif i == len(tokens) - 1:
             reason = "length"
-        if seq.advance(tokens[:i + 1], [], reason, None) is not None or reason is not None:
+        if seq.advance([tok], [], reason, None) is not None or reason is not None:
             return Expected(seq.out.text, seq.out.finish_reason, i + 1)
     raise AssertionError("no reference tokens")
 

@@ -19,10 +19,10 @@ import pytest
 from tests.api.conftest import (API_KEY, MODEL_NAME, Server, checkpoint,  # noqa: F401
                                 ref_model, stop, tokenizer)
 from tests.api.conftest import launch as api_launch
+from tests.reference import reference_generate
 from tests.reliability.common import Expected, expected_output
 from tpaserve.api.chat import encode_chat
 from tpaserve.api.protocol import ChatMessage
-from tpaserve.models.generate import reference_generate
 from tpaserve.sampling_params import SamplingParams
 
 LAUNCHER = Path(__file__).with_name("fault_launcher.py")

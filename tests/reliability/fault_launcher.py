@@ -3,6 +3,10 @@ never imports this file; the reliability tests start their servers through it.
 
     python tests/reliability/fault_launcher.py <tpaserve flags>
 
+The model runner lives in the engine core process, which multiprocessing spawns: the child
+imports this script as its `__mp_main__` module (that is how spawn finds the parent's main
+module), and that import installs the hooks there. The API process needs none.
+
 Hooks, read from the environment once at start-up (none set: plain tpaserve):
   TPASERVE_FAULT_FILE  a path. Before each step that runs requests, if the file holds a
                        positive integer k, k - 1 is written back and the step raises
@@ -41,7 +45,7 @@ def install() -> None:
     delay = float(os.environ.get("TPASERVE_STEP_DELAY") or 0)
     if not fault_file and not delay:
         return
-    from tpaserve.engine.model_runner import ModelRunner
+    from tpaserve.runner.model_runner import ModelRunner
     real = ModelRunner.execute
 
     def execute(self, sched):
@@ -55,7 +59,9 @@ def install() -> None:
     ModelRunner.execute = execute
 
 
-if __name__ == "__main__":
+if __name__ == "__mp_main__":          # the engine core process (spawned)
     install()
+
+if __name__ == "__main__":
     from tpaserve.api.cli import main
     main(sys.argv[1:])

@@ -19,8 +19,12 @@ import pytest
 
 from tests.reliability.common import error_of, metric, metrics
 from tests.reliability.conftest import MODEL_NAME
-from tpaserve.api.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                   TokenizeRequest)
+from tpaserve.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 
 BODY_LIMIT = 64 * 1024
 SERVER_FLAGS = ("--max-request-body-bytes", str(BODY_LIMIT), "--num-blocks", "64",

@@ -1,5 +1,5 @@
 """Schemathesis against the app's own OpenAPI document, in process: the FastAPI app from
-build_app over a real AsyncEngine and a tiny model, driven through ASGI (no socket), every
+build_app over a real AsyncLLM (its engine core a spawned process) and a tiny model, driven through ASGI (no socket), every
 operation, data that fits the schema (positive) and data that does not (negative).
 
 What must hold for every generated request:
@@ -31,16 +31,18 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.python.asgi import shutdown_lifespans
-from schemathesis.specs.openapi.checks import (content_type_conformance,
-                                               negative_data_rejection,
-                                               response_headers_conformance,
-                                               response_schema_conformance,
-                                               status_code_conformance)
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
+from tests.api.conftest import make_async_llm
 from tests.reliability.common import check_error_body
 from tests.reliability.conftest import API_KEY, MODEL_NAME
 from tpaserve.api.server import build_app
-from tpaserve.engine.factory import build_engine
 
 EXAMPLES = int(os.environ.get("TPASERVE_FUZZ_EXAMPLES") or 40)
 SEED = os.environ.get("TPASERVE_FUZZ_SEED")
@@ -74,15 +76,16 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 @pytest.fixture(scope="module")
 def schema(checkpoint):
     # room for n = 128 sequences at once: the soak, not the fuzzer, exercises preemption
-    engine = build_engine(str(checkpoint), device="cpu", num_blocks=128 * CONTEXT // 16,
-                          block_size=16, max_model_len=CONTEXT, max_num_seqs=128)
-    app = build_app(engine, MODEL_NAME, api_key=API_KEY, max_request_body_bytes=256 * 1024)
+    llm = make_async_llm(checkpoint, num_blocks=128 * CONTEXT // 16, block_size=16,
+                         max_model_len=CONTEXT, max_num_seqs=128)
+    app = build_app(llm, MODEL_NAME, api_key=API_KEY, max_request_body_bytes=256 * 1024)
     loaded = schemathesis.openapi.from_asgi("/openapi.json", app,
                                             headers={"Authorization": f"Bearer {API_KEY}"})
     try:
         yield loaded
     finally:
-        shutdown_lifespans()          # the app's lifespan: stops the engine thread
+        shutdown_lifespans()          # the app's lifespan: stops the engine core process
+        llm.shutdown(timeout=5)
 
 
 def test_every_operation_is_fuzzed(schema):

@@ -50,6 +50,8 @@ async def scenario(server, expect) -> None:
         refused = await asyncio.gather(*(request(h, path, body) for path, body in extra))
         # a request that can never fit: 12 ids + 250 new tokens > 16 blocks x 16 tokens
         never = await request(h, "/v1/completions", dict(SHORT, prompt=[5] * 12, max_tokens=250))
+        # more sequences than the queue could ever hold: a 400, not a retryable 503
+        too_many = await request(h, "/v1/completions", dict(SHORT, n=QUEUE + 1))
         assert not a.done(), "the running request ended before the refusals were checked"
 
         for r in refused:
@@ -59,6 +61,8 @@ async def scenario(server, expect) -> None:
             assert r.seconds < REFUSED_WITHIN_S, r.seconds
         assert never.status == 400 and never.error["param"] == "max_tokens", never
         assert "could never run" in never.error["message"]
+        assert too_many.status == 400 and too_many.error["param"] == "n", too_many
+        assert "--max-queued-requests" in too_many.error["message"]
 
         done = await asyncio.gather(a, *queued)
         for r, body in zip(done, [LONG] + [SHORT] * QUEUE):

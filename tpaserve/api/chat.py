@@ -13,15 +13,32 @@ from fastapi import APIRouter, Request
 from fastapi.sse import EventSourceResponse
 from starlette.responses import Response
 
-from tpaserve.api.engine_client import (EngineClient, final_output, merge_streams,
-                                        new_request_id, open_streams, until_disconnect)
+from tpaserve.api.engine_client import (
+    EngineClient,
+    final_output,
+    merge_streams,
+    new_request_id,
+    open_streams,
+    until_disconnect,
+)
 from tpaserve.api.errors import OpenAIRoute, bad_request, error_responses, sse_error
-from tpaserve.api.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk,
-                                   ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
-                                   ChatStreamChoice, ChoiceLogprobs, DeltaMessage, TokenLogprob,
-                                   TopLogprob, UsageInfo, sse_response)
-from tpaserve.engine.outputs import Logprob
-from tpaserve.sampling_params import SamplingParamsError
+from tpaserve.api.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    ChatStreamChoice,
+    ChoiceLogprobs,
+    DeltaMessage,
+    TokenLogprob,
+    TopLogprob,
+    UsageInfo,
+    sse_response,
+)
+from tpaserve.exceptions import SamplingParamsError
+from tpaserve.frontend.outputs import Logprob
 
 router = APIRouter(route_class=OpenAIRoute)
 

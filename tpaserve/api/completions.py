@@ -17,12 +17,25 @@ from fastapi import APIRouter, Request
 from fastapi.sse import EventSourceResponse
 from starlette.responses import Response
 
-from tpaserve.api.engine_client import (EngineClient, final_output, gather_all, merge_streams,
-                                        new_request_id, open_streams, until_disconnect)
+from tpaserve.api.engine_client import (
+    EngineClient,
+    final_output,
+    gather_all,
+    merge_streams,
+    new_request_id,
+    open_streams,
+    until_disconnect,
+)
 from tpaserve.api.errors import OpenAIRoute, bad_request, error_responses, sse_error
-from tpaserve.api.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
-                                   CompletionResponse, UsageInfo, sse_response)
-from tpaserve.engine.outputs import Logprob
+from tpaserve.api.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+    sse_response,
+)
+from tpaserve.frontend.outputs import Logprob
 
 router = APIRouter(route_class=OpenAIRoute)
 
@@ -47,7 +60,7 @@ def _prompts(client: EngineClient, body: CompletionRequest) -> list[Prompt]:
     id_lists = [p] if isinstance(p[0], int) else p
     for ids in id_lists:
         client.check_token_ids(ids)        # before decoding them for echo
-    tok = client.engine.tokenizer
+    tok = client.raw_tokenizer
 
     def echo_text(ids: list[int]) -> str:
         if not body.echo or tok is None:
@@ -146,7 +159,7 @@ class _Renderer:
 
     def __init__(self, client: EngineClient, body: CompletionRequest, prompts: list[Prompt],
                  n: int):
-        self.tok, self.body, self.prompts, self.n = client.engine.tokenizer, body, prompts, n
+        self.tok, self.body, self.prompts, self.n = client.raw_tokenizer, body, prompts, n
         self.want_logprobs = body.logprobs is not None
         self.offsets: dict[int, _TextOffsets] = {}  # stream: choice index -> its offsets
         self.echoed: set[int] = set()                # stream: choices whose prompt was sent

@@ -1,16 +1,15 @@
-"""What the endpoints share: the served model, and running requests on the AsyncEngine with
+"""What the endpoints share: the served model, and running requests on the AsyncLLM with
 the client's connection watched.
 
 Every request goes through `EngineClient.generate`, which turns an engine failure
-(`out.error`) into a 500 APIError and, by closing the engine's stream, aborts the request
-whenever its consumer stops early. The consumer stops early when the client goes away: for
-streams, Starlette cancels the SSE body iterator on disconnect; before a response has
-started (non-streaming requests, and the wait for a stream's first output),
+(`out.error`, a failed step) into a 500 APIError and, by closing the engine's stream,
+aborts the request whenever its consumer stops early. The consumer stops early when the
+client goes away: for streams, Starlette cancels the SSE body iterator on disconnect; before
+a response has started (non-streaming requests, and the wait for a stream's first output),
 `until_disconnect` races the work against the connection's `http.disconnect`.
 
-No metric is recorded here: the engine's step loop observes tokens, latencies and aborts
-where they happen (engine/async_engine.py); `metrics` is kept for /metrics to refresh the
-gauges at scrape time.
+No metric is recorded here: the core times its steps and the frontend its requests'
+tokens (frontend/metrics.py).
 """
 from __future__ import annotations
 
@@ -23,28 +22,35 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from tpaserve.api.errors import APIError, ClientGone, bad_request
-from tpaserve.engine.async_engine import AsyncEngine
-from tpaserve.engine.llm_engine import LLMEngine
-from tpaserve.engine.metrics import EngineMetrics
-from tpaserve.engine.outputs import RequestOutput
+from tpaserve.frontend.async_llm import AsyncLLM
+from tpaserve.frontend.metrics import EngineMetrics
+from tpaserve.frontend.outputs import RequestOutput
 from tpaserve.sampling_params import SamplingParams
 
 
 @dataclass
 class EngineClient:
-    engine: LLMEngine
-    async_engine: AsyncEngine
+    llm: AsyncLLM
     model_names: list[str]        # responses carry the name asked for; the first by default
     model_root: str | None
-    metrics: EngineMetrics
+    metrics: EngineMetrics | None = None
+
+    @property
+    def raw_tokenizer(self):
+        """The tokenizer, or None (token-id prompts only)."""
+        return self.llm.tokenizer
 
     @property
     def tokenizer(self):
-        tok = self.engine.tokenizer
+        tok = self.llm.tokenizer
         if tok is None:
             raise APIError(400, "this server has no tokenizer: text prompts, chat and "
                                 "tokenization are unavailable; send token ids")
         return tok
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.info.max_model_len
 
     def check_model(self, name: str | None) -> str:
         if name is None or name in self.model_names:
@@ -56,14 +62,13 @@ class EngineClient:
     def check_ready(self, draining: bool = False) -> None:
         if draining:
             raise APIError(503, "the server is shutting down", code="shutting_down")
-        if self.async_engine.dead is not None:
-            raise APIError(503, f"the engine has stopped: {self.async_engine.dead}",
-                           code="engine_dead")
-        if not self.async_engine.ready:
+        if self.llm.dead is not None:
+            raise APIError(503, str(self.llm.dead), code="engine_dead")
+        if not self.llm.ready:
             raise APIError(503, "the engine is not ready yet", code="engine_not_ready")
 
     def check_token_ids(self, ids: list[int], param: str = "prompt") -> None:
-        vocab = self.engine.vocab_size
+        vocab = self.llm.info.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise bad_request(f"{param}: token id {bad[0]} is outside the vocabulary "
@@ -74,11 +79,11 @@ class EngineClient:
         """The engine's stream for one prompt. Admission errors raise at the first
         __anext__; closing this iterator early aborts the request."""
         self.check_ready()
-        async with aclosing(self.async_engine.generate(request_id, prompt_ids, params,
-                                                       priority)) as stream:
+        async with aclosing(self.llm.generate(request_id, prompt_ids, params,
+                                              priority)) as stream:
             async for out in stream:
                 if out.error is not None:
-                    raise APIError(500, out.error, code="engine_error")
+                    raise APIError(500, out.error.message, code="engine_error")
                 yield out
 
 

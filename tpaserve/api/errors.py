@@ -22,11 +22,13 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from tpaserve.api.protocol import ErrorResponse
-from tpaserve.engine.async_engine import EngineDead
-from tpaserve.engine.llm_engine import EngineDeadError
-from tpaserve.engine.scheduler import QueueFull, RequestRejected
-from tpaserve.models.chat_template import ChatTemplateError
-from tpaserve.sampling_params import SamplingParamsError
+from tpaserve.exceptions import (
+    ChatTemplateError,
+    EngineDeadError,
+    QueueFull,
+    RequestRejected,
+    SamplingParamsError,
+)
 
 logger = logging.getLogger("tpaserve.api")
 
@@ -111,11 +113,8 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, QueueFull):
         return APIError(503, str(exc), code="queue_full",
                         headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
-    if isinstance(exc, (EngineDead, EngineDeadError)):
-        msg = str(exc)
-        if not msg.startswith("the engine has stopped"):
-            msg = f"the engine has stopped: {msg}"
-        return APIError(503, msg, code="engine_dead")
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc), code="engine_dead")
     if isinstance(exc, RequestValidationError):
         return _validation_error(exc)
     if isinstance(exc, StarletteHTTPException):

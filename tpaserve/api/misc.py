@@ -18,7 +18,7 @@ def _json(model) -> Response:
 
 
 def _card(client: EngineClient, name: str) -> ModelCard:
-    return ModelCard(id=name, root=client.model_root, max_model_len=client.engine.max_model_len)
+    return ModelCard(id=name, root=client.model_root, max_model_len=client.max_model_len)
 
 
 @router.get("/v1/models", response_model=ModelList, responses=error_responses(401))
@@ -54,5 +54,4 @@ async def version() -> Response:
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
-    request.app.state.client.metrics.refresh()
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

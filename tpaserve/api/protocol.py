@@ -14,12 +14,24 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler,
-                      field_validator, model_serializer)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 
 from tpaserve.models.chat_template import ALLOWED_ROLES
-from tpaserve.sampling_params import (MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_N, MAX_PENALTY,
-                                      SEED_RANGE, SamplingParams)
+from tpaserve.sampling_params import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_PENALTY,
+    SEED_RANGE,
+    SamplingParams,
+)
 
 # ---------------------------------------------------------------------------------- requests
 

@@ -1,10 +1,13 @@
-"""The FastAPI app: `build_app(engine, ...)`.
+"""The FastAPI app: `build_app(llm, ...)` over an AsyncLLM whose engine core process is
+ready (AsyncLLM.wait_ready).
 
 Request path, outside in: HTTP metrics (every response, by route template and status) ->
 API-key check (everything but /health, /metrics, /version) -> body-size limit -> FastAPI
-routing -> endpoint (OpenAIRoute renders every error). The
-AsyncEngine starts in the lifespan (it needs the running event loop) and stops after
-uvicorn has drained the in-flight requests.
+routing -> endpoint (OpenAIRoute renders every error). The AsyncLLM connects to its core
+in the lifespan (it needs the running event loop) and stops the core after uvicorn has
+drained the in-flight requests, it disconnects; the AsyncLLM's owner (the CLI) stops the
+core after that. If the core dies, `app.state.on_engine_dead` (set by the CLI's server) is
+called: the server exits non-zero for its supervisor to restart it.
 """
 from __future__ import annotations
 
@@ -21,9 +24,8 @@ import tpaserve
 from tpaserve.api import chat, completions, misc, tokenize
 from tpaserve.api.engine_client import EngineClient
 from tpaserve.api.errors import APIError, install
-from tpaserve.engine.async_engine import AsyncEngine
-from tpaserve.engine.llm_engine import LLMEngine
-from tpaserve.engine.metrics import HTTP_REQUESTS, EngineMetrics
+from tpaserve.frontend.async_llm import AsyncLLM
+from tpaserve.frontend.metrics import HTTP_REQUESTS, EngineMetrics
 
 logger = logging.getLogger("tpaserve.api")
 
@@ -31,27 +33,29 @@ DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 2**20
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
 
 
-def build_app(engine: LLMEngine, model_names: list[str] | str = "t6", *,
+def build_app(llm: AsyncLLM, model_names: list[str] | str = "t6", *,
               model_root: str | None = None, api_key: str | None = None,
-              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
-              engine_shutdown_timeout: float = 5.0) -> FastAPI:
+              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> FastAPI:
     names = [model_names] if isinstance(model_names, str) else list(model_names)
     if not names:
         raise ValueError("model_names must name at least one model")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        metrics = EngineMetrics(engine, names[0])
-        async_engine = AsyncEngine(engine, metrics)
-        async_engine.start()
-        app.state.client = EngineClient(engine, async_engine, names, model_root, metrics)
+        metrics = EngineMetrics(llm.info, names[0])
+        llm.metrics = metrics
+        if not hasattr(app.state, "dead_hooked"):
+            app.state.dead_hooked = True
+            llm.on_dead(lambda exc: getattr(app.state, "on_engine_dead", lambda e: None)(exc))
+        await llm.start()
+        app.state.client.metrics = metrics
         try:
             yield
         finally:
-            async_engine.shutdown(engine_shutdown_timeout)
-            logger.info("engine stopped")
+            await llm.disconnect()        # its owner (the CLI) stops the core
 
     app = FastAPI(title="tpaserve", version=tpaserve.__version__, lifespan=lifespan)
+    app.state.client = EngineClient(llm, names, model_root)      # 503s until the lifespan
     routers = [completions.router, chat.router, misc.router, tokenize.router]
     for router in routers:
         app.include_router(router)

@@ -9,8 +9,12 @@ from starlette.responses import Response
 from tpaserve.api.chat import encode_chat
 from tpaserve.api.engine_client import EngineClient
 from tpaserve.api.errors import OpenAIRoute, bad_request, error_responses
-from tpaserve.api.protocol import (DetokenizeRequest, DetokenizeResponse, TokenizeRequest,
-                                   TokenizeResponse)
+from tpaserve.api.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 
 router = APIRouter(route_class=OpenAIRoute)
 
@@ -32,7 +36,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Response:
     else:
         ids = encode_chat(tok, body.messages, body.add_generation_prompt, body.add_special_tokens)
     return _json(TokenizeResponse(
-        count=len(ids), max_model_len=client.engine.max_model_len, tokens=ids,
+        count=len(ids), max_model_len=client.max_model_len, tokens=ids,
         token_strs=tok.convert_ids_to_tokens(ids) if body.return_token_strs else None))
 
 
@@ -60,7 +64,7 @@ async def tokenizer_info(request: Request) -> Response:
         "tokenizer_class": type(tok).__name__,
         "name_or_path": tok.name_or_path,
         "vocab_size": tok.vocab_size,
-        "model_max_length": client.engine.max_model_len,
+        "model_max_length": client.max_model_len,
         "bos_token": name(tok.bos_token_id), "bos_token_id": tok.bos_token_id,
         "eos_token": name(tok.eos_token_id), "eos_token_id": tok.eos_token_id,
         "chat_template": tok.chat_template,

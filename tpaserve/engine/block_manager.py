@@ -5,11 +5,15 @@ Invariants (checked by `check()` in tests):
   * num_free + num_used == num_blocks;
   * a block with a hash is findable through `cached` until it is handed out again
     (evicted); freed hashed blocks keep their contents and are reused least recently
-    used first, blocks without a hash before any hashed one.
+    used first, blocks without a hash before any hashed one;
+  * a block gets a hash only once all its tokens are computed (`register`, called with what
+    a finished step really computed), so a prefix hit never reads an unwritten slot, even
+    with a step in flight or a request preempted before its step ran.
 
 A request's block table only grows while it runs (append-only), so a kernel may read a
-prefix of it while new blocks are appended. Prefix caching hashes *full* blocks as
-sha256(parent hash, token ids): a block's identity is the whole prefix up to its end. When
+prefix of it while new blocks are appended. Prefix caching identifies *full* blocks by
+sha256(parent hash, token ids), kept on the request (`Request.block_hashes`, extended by
+`hash_blocks` as tokens append): a block's identity is the whole prefix up to its end. When
 two requests compute the same block concurrently, the second copy is not registered and
 not de-duplicated (vLLM does the same): swapping it in would rewrite a live block table.
 """
@@ -42,7 +46,7 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[bytes, int] = {}            # hash -> block id
         self.tables: dict[str, list[int]] = {}        # request id -> block ids in order
-        self.hashes: dict[str, list[bytes]] = {}      # request id -> hashes of its full blocks
+        self.registered: dict[str, int] = {}          # request id -> leading blocks registered
         self.prefix_queries = 0                        # tokens looked up
         self.prefix_hits = 0                           # tokens found
 
@@ -66,18 +70,25 @@ class BlockManager:
         return self.tables.get(request_id, [])
 
     # ---- prefix cache --------------------------------------------------------------------
-    def find_cached(self, request_id: str, token_ids: list[int], max_tokens: int) -> list[int]:
-        """Longest run of cached full blocks for token_ids[:max_tokens] (no refs taken)."""
+    def hash_blocks(self, req) -> None:
+        """Extend req.block_hashes over the full blocks of req.token_ids (no-op without
+        prefix caching)."""
+        if not self.enable_prefix_caching:
+            return
+        hashes, toks, bs = req.block_hashes, req.token_ids, self.block_size
+        for i in range(len(hashes), len(toks) // bs):
+            hashes.append(block_hash(hashes[-1] if hashes else _ROOT, toks[i * bs:(i + 1) * bs]))
+
+    def find_cached(self, block_hashes: list[bytes], max_tokens: int) -> list[int]:
+        """Longest run of cached blocks for the first max_tokens tokens (no refs taken)."""
         if not self.enable_prefix_caching:
             return []
-        bs, parent, hits = self.block_size, _ROOT, []
-        for i in range(max_tokens // bs):
-            h = block_hash(parent, token_ids[i * bs:(i + 1) * bs])
+        hits = []
+        for h in block_hashes[:max_tokens // self.block_size]:
             b = self.cached.get(h)
             if b is None:
                 break
             hits.append(b)
-            parent = h
         return hits
 
     def record_prefix_lookup(self, queried: int, hit: int) -> None:
@@ -86,31 +97,13 @@ class BlockManager:
         self.prefix_queries += queried
         self.prefix_hits += hit
 
-    def _register_full_blocks(self, request_id: str, token_ids: list[int], num_tokens: int) -> None:
-        """Hash the request's blocks that num_tokens fills completely, as far as their
-        tokens are known (a multi-step decode allocates slots for tokens not sampled yet;
-        `register` hashes those blocks once the tokens exist)."""
-        hashes, table, bs = self.hashes.setdefault(request_id, []), self.tables[request_id], self.block_size
-        for i in range(len(hashes), min(num_tokens, len(token_ids)) // bs):
-            parent = hashes[-1] if hashes else _ROOT
-            h = block_hash(parent, token_ids[i * bs:(i + 1) * bs])
-            hashes.append(h)
-            blk = self.blocks[table[i]]
-            if blk.hash is None and h not in self.cached:
-                blk.hash = h
-                self.cached[h] = blk.block_id
-
     # ---- allocation ----------------------------------------------------------------------
-    def allocate(self, request_id: str, token_ids: list[int], num_computed: int,
-                 num_new: int, shared: list[int] = ()) -> bool:
-        """Make room for tokens [num_computed, num_computed + num_new) of a request.
-
-        `shared` are blocks to adopt first (prefix-cache hits or a sibling's prompt blocks);
-        num_computed already counts their tokens. Returns False, changing nothing, if the
-        free blocks do not suffice.
-        """
+    def allocate(self, request_id: str, num_tokens: int, shared: list[int] = ()) -> bool:
+        """Make the request's table cover num_tokens positions, adopting `shared` first
+        (prefix-cache hits or a sibling's prompt blocks, only when the table is empty).
+        Returns False, changing nothing, if the free blocks do not suffice."""
         table = self.tables.setdefault(request_id, [])
-        need = self.blocks_for(num_computed + num_new) - len(table) - len(shared)
+        need = self.blocks_for(num_tokens) - len(table) - len(shared)
         # adopting a free cached block takes it off the free queue too
         reviving = sum(1 for b in shared if self.blocks[b].ref_cnt == 0)
         if need + reviving > len(self.free):
@@ -122,31 +115,28 @@ class BlockManager:
             table.append(b)
         for _ in range(max(need, 0)):
             table.append(self._take_free())
-        if self.enable_prefix_caching:
-            self._register_full_blocks(request_id, token_ids, num_computed + num_new)
         return True
 
-    def register(self, request_id: str, token_ids: list[int], num_computed: int) -> None:
-        """Hash the full blocks of tokens [0, num_computed) that are not hashed yet."""
-        if self.enable_prefix_caching and request_id in self.tables:
-            self._register_full_blocks(request_id, token_ids, num_computed)
+    def register(self, request_id: str, block_hashes: list[bytes], num_computed: int) -> None:
+        """Enter into the prefix cache the request's full blocks among its first num_computed
+        positions, which a finished step has really written."""
+        if not self.enable_prefix_caching or request_id not in self.tables:
+            return
+        table = self.tables[request_id]
+        done = self.registered.get(request_id, 0)
+        upto = min(num_computed // self.block_size, len(block_hashes), len(table))
+        for i in range(done, upto):
+            h, blk = block_hashes[i], self.blocks[table[i]]
+            if blk.hash is None and h not in self.cached:
+                blk.hash = h
+                self.cached[h] = blk.block_id
+        self.registered[request_id] = max(done, upto)
 
-    def free_request(self, request_id: str, num_computed: int | None = None) -> None:
+    def free_request(self, request_id: str) -> None:
         """Drop a request's references. Tail blocks are freed first so that, among equally
-        old cached blocks, a prefix's tail is evicted before its head.
-
-        `num_computed`: the tokens really written. Full blocks are hashed when they are
-        allocated, i.e. before the step computes them; a request preempted in the step
-        that scheduled it holds hashed blocks that were never written. Their hashes are
-        dropped here, or a later request with that prefix would hit unwritten slots."""
+        old cached blocks, a prefix's tail is evicted before its head."""
         table = self.tables.pop(request_id, [])
-        if num_computed is not None:
-            hashes = self.hashes.get(request_id, [])
-            for i in range(num_computed // self.block_size, len(hashes)):
-                blk = self.blocks[table[i]]
-                if blk.hash is not None and blk.hash == hashes[i]:
-                    del self.cached[blk.hash]
-                    blk.hash = None
+        self.registered.pop(request_id, None)
         for b in reversed(table):
             blk = self.blocks[b]
             blk.ref_cnt -= 1
@@ -154,14 +144,13 @@ class BlockManager:
                 self.free[b] = None
                 if blk.hash is None:             # nothing to keep: reuse these first
                     self.free.move_to_end(b, last=False)
-        self.hashes.pop(request_id, None)
 
     def reset_prefix_cache(self) -> None:
         """Forget every hash (e.g. after a failed step left blocks half-written)."""
         for blk in self.blocks:
             blk.hash = None
         self.cached.clear()
-        self.hashes.clear()
+        self.registered.clear()
 
     def _ref(self, b: int) -> None:
         blk = self.blocks[b]

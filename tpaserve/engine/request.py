@@ -1,5 +1,17 @@
-"""A request as the scheduler sees it: tokens, how many of them have been computed into the
-factor cache, and a status. Owned and mutated by the scheduler only."""
+"""A request as the engine core sees it: one sequence's tokens, how many of them have been
+computed into the factor cache, and a status. Owned and mutated by the scheduler only.
+
+Positions and tokens, with async scheduling (one step in flight while the next is planned):
+
+    token_ids                  known tokens: prompt + outputs received from finished steps
+    num_placeholders           tokens the step in flight will sample (not known yet)
+    num_tokens_with_placeholders = len(token_ids) + num_placeholders
+    num_computed_tokens        positions whose factors are in the cache once every scheduled
+                               step has run (advanced when a step is *scheduled*)
+
+so a decoding request always has exactly one uncomputed position, its last token, whether
+that token is known or still a placeholder on the device.
+"""
 from __future__ import annotations
 
 import enum
@@ -38,8 +50,8 @@ _FINISH_REASON = {
 
 @dataclass(eq=False)
 class Request:
-    """One sequence to generate (an n > 1 request is n of these; the siblings after the
-    first fork the first one's prompt blocks, see `fork_of`)."""
+    """One sequence to generate (a client request with n > 1 is n of these, made by the
+    frontend; the siblings after the first fork its prompt blocks, see `fork_of`)."""
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
@@ -48,15 +60,20 @@ class Request:
     priority: int = 0                    # lower runs first (vLLM's convention)
     arrival_time: float = field(default_factory=time.monotonic)
     fork_of: str | None = None           # sibling whose computed prompt blocks this one shares
+    client_index: int = 0                # which frontend sent it (outputs go back there)
 
     status: RequestStatus = RequestStatus.WAITING
     token_ids: list[int] = field(init=False)          # prompt + output, append-only
-    num_computed_tokens: int = 0                       # tokens whose factors are in the cache
+    num_placeholders: int = 0                          # sampled by the step in flight
+    num_computed_tokens: int = 0                       # see the module docstring
     num_cached_tokens: int = 0                         # of the prompt, served by the prefix cache
     num_prompt_logprobs_done: int = 1                  # next prompt position to score (0 has none)
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     first_scheduled_time: float | None = None
+    # sha256 chain of every full block of token_ids (BlockManager.hash_blocks extends it as
+    # tokens append); a block enters the prefix cache once its tokens are computed
+    block_hashes: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -68,6 +85,10 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        return len(self.token_ids) + self.num_placeholders
 
     @property
     def num_output_tokens(self) -> int:

@@ -1,9 +1,9 @@
 """Continuous batching over the paged factor cache. Pure Python.
 
 There is no prefill phase and no decode phase. Every request has `num_computed_tokens`,
-which catches up with `num_tokens` (prompt + output so far) under a per-step token budget:
-a long prompt is computed in chunks over several steps, a decoding request needs one
-token a step, and both kinds share a step. A request samples when a step brings it level.
+which catches up with its tokens under a per-step token budget: a long prompt is computed
+in chunks over several steps, a decoding request needs one position a step, and both kinds
+share a step. A request samples when a step brings it level.
 
 Each step: running requests first (oldest first), then waiting ones (by priority, then
 arrival) while budget, `max_num_seqs` and free blocks last. When a running request cannot
@@ -11,14 +11,23 @@ get a block, the newest / lowest-priority running request is preempted: its bloc
 freed and it goes back to the head of the waiting queue with its output tokens kept, to
 be recomputed (nothing a client was promised is lost; greedy outputs do not change).
 
-Multi-step decode (config.num_scheduler_steps = k > 1): when nothing waits and every
-scheduled request only decodes plainly (one token, no logprobs, no sampler knob that reads
-the output history), the step becomes a round of up to k decode steps. Each request gets
-slots for min(k, tokens it may still produce) positions up front; the runner feeds each
-step's samples to the next on the device and returns them all at once; `update` appends
-them one by one and stops at the first stop condition, dropping the rest. Outputs are the
-same tokens ordinary steps would give (seeded generators draw the same noise); the host
-cost of a round is paid once, and a new request waits at most one round.
+Async scheduling: `schedule()` may run while the previous step is still on the device. What
+that step will sample is not known yet, so a request carries it as placeholders
+(Request.num_placeholders): a decoding request's next input is then PLACEHOLDER, which the
+runner takes from the step in flight on the device. Bookkeeping of what is *scheduled*
+(computed positions, prompt logprobs) happens in schedule(); `update()` only appends what
+was sampled and applies the stop conditions. A request never gets more samples in flight
+than max_tokens and the context allow; one whose sampling reads its output history
+(penalties, min_tokens) waits until it has no placeholder.
+
+Multi-step rounds (config.num_scheduler_steps = k > 1): when every scheduled request only
+decodes plainly (samples, no logprobs, no knob that reads the output history) and no prompt
+work is held back by the token budget, the step becomes a round: each request gets slots
+for min(k, tokens it may still produce) positions up front; the runner feeds each step's
+samples to the next on the device and returns them all at once; `update` appends them one
+by one and stops at the first stop condition, dropping the rest. Outputs are the tokens
+ordinary steps would give (seeded generators draw the same noise); the host cost of a round
+is paid once, and a new request waits at most one round.
 
 Invariant after every public call: each live request is in exactly one of `waiting` and
 `running`, holds blocks iff it is running, and `requests` holds exactly the live ones.
@@ -30,54 +39,98 @@ import time
 
 from tpaserve.config import SchedulerConfig
 from tpaserve.engine.block_manager import BlockManager
-from tpaserve.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
+from tpaserve.engine.contracts import (
+    PLACEHOLDER,
+    NewRequest,
+    RunnerOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+)
+from tpaserve.engine.messages import EngineCoreOutput
 from tpaserve.engine.request import Request, RequestStatus
+from tpaserve.exceptions import QueueFull, RequestRejected
+
+__all__ = ["Scheduler", "check_admissible", "check_request", "RequestRejected", "QueueFull"]
 
 
-class RequestRejected(ValueError):
-    """A request that can never run (too long for the context or the cache)."""
+def check_admissible(num_prompt: int, max_tokens: int, max_model_len: int, num_blocks: int,
+                     block_size: int) -> None:
+    """Raise RequestRejected if a sequence can never run: an empty prompt, one longer than
+    the context, or more tokens than the whole cache holds. The frontend checks this before
+    sending a request; the core again when it admits one."""
+    if num_prompt == 0:
+        raise RequestRejected("the prompt is empty: give at least one token", "prompt")
+    need = num_prompt + max_tokens
+    if need > max_model_len:
+        raise RequestRejected(
+            f"this model's maximum context length is {max_model_len} tokens, but the "
+            f"request needs {need} ({num_prompt} in the prompt + {max_tokens} max_tokens); "
+            f"shorten the prompt or lower max_tokens",
+            "max_tokens" if num_prompt < max_model_len else "prompt")
+    blocks = -(-need // block_size)
+    if blocks > num_blocks:
+        raise RequestRejected(
+            f"the request needs {blocks} cache blocks ({need} tokens) but the whole factor "
+            f"cache has {num_blocks} blocks ({num_blocks * block_size} tokens); it could "
+            f"never run", "max_tokens")
 
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
 
-
-class QueueFull(RuntimeError):
-    """The waiting queue is at --max-queued-requests; try again later."""
+def check_request(prompt_token_ids: list[int], params, *, vocab_size: int, max_model_len: int,
+                  num_blocks: int, block_size: int) -> int:
+    """Everything about one sequence that can be checked without the engine's state: token
+    ids in the vocabulary, the ids its params name, and check_admissible. Returns its
+    max_tokens (params.max_tokens, or None resolved to what the context allows)."""
+    bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise RequestRejected(f"prompt token id {bad} is outside the vocabulary "
+                              f"[0, {vocab_size})", "prompt")
+    params.verify_vocab(vocab_size)
+    n = len(prompt_token_ids)
+    max_tokens = params.max_tokens if params.max_tokens is not None else max(max_model_len - n, 0)
+    check_admissible(n, max_tokens, max_model_len, num_blocks, block_size)
+    return max_tokens
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager, max_model_len: int):
         self.config, self.blocks, self.max_model_len = config, blocks, max_model_len
+        self.round_steps = config.num_scheduler_steps or 1
         self.waiting: list[Request] = []          # sorted by Request.sort_key()
         self.running: list[Request] = []          # in admission order
         self.requests: dict[str, Request] = {}
         self.finished_ids: list[str] = []         # finished since the last schedule()
         self.num_preemptions = 0
+        self.queue_times: list[float] = []        # taken by the core's stats
+        # what the runner holds: requests it has seen, and how many blocks of each table
+        self._runner_knows: set[str] = set()
+        self._blocks_sent: dict[str, int] = {}
 
     # ---- admission -----------------------------------------------------------------------
-    def add_request(self, req: Request) -> None:
-        n_prompt = req.num_prompt_tokens
-        if n_prompt == 0:
-            raise RequestRejected("the prompt is empty: give at least one token", "prompt")
-        if n_prompt + req.max_tokens > self.max_model_len:
-            raise RequestRejected(
-                f"this model's maximum context length is {self.max_model_len} tokens, but the "
-                f"request needs {n_prompt + req.max_tokens} ({n_prompt} in the prompt + "
-                f"{req.max_tokens} max_tokens); shorten the prompt or lower max_tokens",
-                "max_tokens" if n_prompt < self.max_model_len else "prompt")
-        need = self.blocks.blocks_for(n_prompt + req.max_tokens)
-        if need > self.blocks.num_blocks:
-            raise RequestRejected(
-                f"the request needs {need} cache blocks ({n_prompt + req.max_tokens} tokens) but "
-                f"the whole factor cache has {self.blocks.num_blocks} blocks "
-                f"({self.blocks.num_blocks * self.blocks.block_size} tokens); it could never run",
-                "max_tokens")
+    def add_requests(self, reqs: list[Request]) -> None:
+        """Admit one client request's sequences, all or none. Raises RequestRejected (never
+        fits, duplicate id) or QueueFull (the waiting queue is at its bound)."""
+        for req in reqs:
+            if req.request_id in self.requests:
+                raise RequestRejected(f"request id {req.request_id!r} is already in flight",
+                                      "request_id")
+            check_admissible(req.num_prompt_tokens, req.max_tokens, self.max_model_len,
+                             self.blocks.num_blocks, self.blocks.block_size)
         cap = self.config.max_queued_requests
-        if cap is not None and len(self.waiting) >= cap:
-            raise QueueFull(f"the queue is full ({cap} requests waiting); retry later")
-        self.requests[req.request_id] = req
-        self._enqueue(req)
+        if cap is not None:
+            if len(reqs) > cap:
+                raise RequestRejected(
+                    f"the request has {len(reqs)} sequences but this server queues at most "
+                    f"{cap} (--max-queued-requests); it could never be admitted", "n")
+            if len(self.waiting) + len(reqs) > cap:
+                raise QueueFull(f"the queue is full ({len(self.waiting)} sequences waiting, "
+                                f"bound {cap}); retry later")
+        for req in reqs:
+            self.blocks.hash_blocks(req)
+            self.requests[req.request_id] = req
+            self._enqueue(req)
+
+    def add_request(self, req: Request) -> None:
+        self.add_requests([req])
 
     def _enqueue(self, req: Request, front: bool = False) -> None:
         keys = [r.sort_key() for r in self.waiting]
@@ -85,27 +138,37 @@ class Scheduler:
         i = bisect.bisect_left(keys, key) if front else bisect.bisect_right(keys, key)
         self.waiting.insert(i, req)
 
-    def finish(self, request_id: str, status: RequestStatus) -> None:
+    def finish(self, request_id: str, status: RequestStatus) -> Request | None:
         """Finish (abort, stop string, error) a live request now and free its blocks."""
         req = self.requests.pop(request_id, None)
         if req is None:
-            return
+            return None
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
         req.status = status
         self.blocks.free_request(request_id)
-        self.finished_ids.append(request_id)
+        self._blocks_sent.pop(request_id, None)
+        if request_id in self._runner_knows:
+            self._runner_knows.discard(request_id)
+            self.finished_ids.append(request_id)
+        return req
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    @property
+    def needs_history(self) -> bool:
+        """Some live request samples from its output history: the core steps without a step
+        in flight while it lives, so that history is always whole on the host."""
+        return any(_needs_history(r) for r in self.requests.values())
 
     # ---- one step --------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, int] = {}            # request id -> tokens this step
-        preempted: list[str] = []
+        preempted: list[Request] = []
 
         # 1. running requests, in admission order; preempt from the back of the priority
         #    order (newest, lowest priority) when blocks run out
@@ -114,13 +177,14 @@ class Scheduler:
                 break
             if req.status != RequestStatus.RUNNING:        # preempted earlier in this loop
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.blocks.allocate(req.request_id, req.token_ids,
-                                           req.num_computed_tokens, n):
+            n = min(self._tokens_to_compute(req), budget)
+            if n == 0:
+                continue
+            while not self.blocks.allocate(req.request_id, req.num_computed_tokens + n):
                 victim = max(self.running, key=Request.sort_key)
                 budget += scheduled.pop(victim.request_id, 0)
                 self._preempt(victim)
-                preempted.append(victim.request_id)
+                preempted.append(victim)
                 if victim is req:
                     break
             else:
@@ -128,14 +192,18 @@ class Scheduler:
                 budget -= n
 
         # 2. waiting requests, while nothing was preempted this step
-        while self.waiting and budget > 0 and not preempted \
-                and len(self.running) < self.config.max_num_seqs:
+        held_by_budget = False
+        while self.waiting and not preempted and len(self.running) < self.config.max_num_seqs:
+            if budget == 0:
+                held_by_budget = True
+                break
             req = self.waiting[0]
+            assert req.num_placeholders == 0, "a waiting request has samples in flight"
             shared, n_computed, looked_up = self._reusable_blocks(req)
             if shared is None:                     # waits for its sibling's prompt
                 break
             n = min(req.num_tokens - n_computed, budget)
-            if not self.blocks.allocate(req.request_id, req.token_ids, n_computed, n, shared):
+            if not self.blocks.allocate(req.request_id, n_computed + n, shared):
                 break
             self.waiting.pop(0)
             if req.status == RequestStatus.WAITING:
@@ -146,35 +214,56 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
+                if req.fork_of is None:
+                    self.queue_times.append(req.first_scheduled_time - req.arrival_time)
             self.running.append(req)
             scheduled[req.request_id] = n
             budget -= n
 
-        steps = self._extend_decode(scheduled) if not preempted and not self.waiting else {}
-        out = [self._scheduled(self.requests[rid], n, steps.get(rid, 1))
+        steps = self._round_steps(scheduled) if not preempted and not held_by_budget else {}
+        new: list[NewRequest] = []
+        out = [self._schedule_one(self.requests[rid], n, steps.get(rid, 1), new)
                for rid, n in scheduled.items()]
         finished, self.finished_ids = self.finished_ids, []
-        return SchedulerOutput(requests=out, preempted_ids=preempted, finished_ids=finished)
+        return SchedulerOutput(requests=out, new_requests=new,
+                               preempted_ids=[r.request_id for r in preempted],
+                               finished_ids=finished)
 
-    def _extend_decode(self, scheduled: dict[str, int]) -> dict[str, int]:
-        """Turn a step where every request decodes one token into a multi-step round:
-        request id -> tokens to sample (>= 1), with the extra slots allocated. Empty when
-        the step does not qualify. A request whose extra blocks do not fit samples once."""
-        k = self.config.num_scheduler_steps
+    def _tokens_to_compute(self, req: Request) -> int:
+        """Positions a running request could compute now (before the budget): 0 while its
+        sampling needs history it does not have yet, or when every token it may still
+        produce is already in flight."""
+        if req.num_placeholders and _needs_history(req):
+            return 0
+        total = req.num_tokens_with_placeholders
+        n = total - req.num_computed_tokens
+        if req.max_tokens > 0 and not self._room(req):
+            return 0                   # the chunk would sample, but its last token is in flight
+        return n
+
+    def _room(self, req: Request) -> int:
+        """Tokens the request may still sample beyond those known or in flight."""
+        total = req.num_tokens_with_placeholders
+        return min(req.max_tokens - (total - req.num_prompt_tokens), self.max_model_len - total)
+
+    def _round_steps(self, scheduled: dict[str, int]) -> dict[str, int]:
+        """Turn a step where every request samples plainly into a multi-step round: request
+        id -> tokens to sample (>= 1), with the extra slots allocated. Empty when the step
+        does not qualify. A request whose extra blocks do not fit samples once."""
+        k = self.round_steps
         if k == 1 or not scheduled:
             return {}
         reqs = [self.requests[rid] for rid in scheduled]
         for req, n in zip(reqs, scheduled.values()):
-            if (n != 1 or req.num_computed_tokens + 1 != req.num_tokens or req.max_tokens == 0
-                    or req.wants_prompt_logprobs or req.params.logprobs is not None
-                    or _needs_history(req)):
+            if (req.num_computed_tokens + n != req.num_tokens_with_placeholders
+                    or req.max_tokens == 0 or req.wants_prompt_logprobs
+                    or req.params.logprobs is not None or _needs_history(req)):
                 return {}
         steps = {}
-        for req in reqs:
-            r = min(k, req.max_tokens - req.num_output_tokens,
-                    self.max_model_len - req.num_tokens)
-            if r > 1 and not self.blocks.allocate(req.request_id, req.token_ids,
-                                                  req.num_tokens, r - 1):
+        for req, n in zip(reqs, scheduled.values()):
+            r = min(k, self._room(req))
+            if r > 1 and not self.blocks.allocate(req.request_id,
+                                                  req.num_computed_tokens + n + r - 1):
                 r = 1
             steps[req.request_id] = max(r, 1)
         return steps
@@ -190,7 +279,8 @@ class Scheduler:
             if sib is not None and sib.status == RequestStatus.RUNNING:
                 full = min(limit, req.num_prompt_tokens) // bs
                 if sib.num_computed_tokens < full * bs:
-                    return None, 0, False         # sibling's prompt not computed yet: wait
+                    return None, 0, False         # sibling's prompt not scheduled yet: wait
+                # scheduled is enough: a step that reads them runs after the one writing them
                 blocks = self.blocks.table(sib.request_id)[:full]
                 return blocks, full * bs, False
             # Sibling finished or waiting. Do not wait for a waiting one: when both were
@@ -198,69 +288,88 @@ class Scheduler:
             # would stall the queue forever. Compute the prompt; the prefix cache may help.
         if req.params.prompt_logprobs is not None and req.wants_prompt_logprobs:
             return [], 0, False                   # every prompt position must be scored
-        hits = self.blocks.find_cached(req.request_id, req.token_ids, limit)
+        hits = self.blocks.find_cached(req.block_hashes, limit)
         return hits, len(hits) * bs, self.blocks.enable_prefix_caching
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        # num_computed_tokens is still the value before this step: a victim scheduled
-        # earlier in this step has blocks hashed for tokens it will now not compute
-        self.blocks.free_request(req.request_id, req.num_computed_tokens)
+        self.blocks.free_request(req.request_id)
+        self._blocks_sent.pop(req.request_id, None)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
         self._enqueue(req, front=True)
 
-    def _scheduled(self, req: Request, n: int, num_steps: int = 1) -> ScheduledRequest:
-        start = req.num_computed_tokens
-        sample = start + n == req.num_tokens and req.max_tokens > 0
+    def _schedule_one(self, req: Request, n: int, num_steps: int,
+                      new: list[NewRequest]) -> ScheduledRequest:
+        """The step's view of one request, and the bookkeeping of scheduling it."""
+        rid, start = req.request_id, req.num_computed_tokens
+        end = start + n
+        known = req.num_tokens
+        tokens = req.token_ids[start:end]
+        if end > known:            # a decoding request whose last token is still in flight
+            assert n == 1 and end == req.num_tokens_with_placeholders, (rid, start, n, known)
+            tokens = [PLACEHOLDER]
+        sample = end == req.num_tokens_with_placeholders and req.max_tokens > 0
         plp = None
         if req.wants_prompt_logprobs and req.num_prompt_logprobs_done <= min(
-                start + n, req.num_prompt_tokens - 1):
+                end, req.num_prompt_tokens - 1):
             plp = req.num_prompt_logprobs_done
+            req.num_prompt_logprobs_done = min(end, req.num_prompt_tokens - 1) + 1
+        if rid not in self._runner_knows:
+            self._runner_knows.add(rid)
+            new.append(NewRequest(rid, req.prompt_token_ids, req.params))
+        table = self.blocks.table(rid)
+        sent = self._blocks_sent.get(rid)
+        self._blocks_sent[rid] = len(table)
+        req.num_computed_tokens = end + num_steps - 1
+        if sample:
+            req.num_placeholders += num_steps
         return ScheduledRequest(
-            request_id=req.request_id, token_ids=req.token_ids[start:start + n], start_pos=start,
-            # the live, append-only table: read-only for the runner, valid for this step
-            block_ids=self.blocks.table(req.request_id), sample=sample, params=req.params,
-            prompt_token_ids=req.prompt_token_ids,
-            output_token_ids=req.output_token_ids if sample and _needs_history(req) else [],
-            eos_token_id=req.eos_token_id, prompt_logprobs_from=plp, num_steps=num_steps)
+            request_id=rid, token_ids=tokens, start_pos=start,
+            new_block_ids=list(table) if sent is None else table[sent:],
+            reset_blocks=sent is None, sample=sample, num_steps=num_steps,
+            prompt_logprobs_from=plp,
+            output_token_ids=req.output_token_ids if sample and _needs_history(req) else None)
 
     # ---- results -------------------------------------------------------------------------
-    def update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[Request]:
-        """Advance computed counts, append sampled tokens, finish requests that hit a
-        token-level stop. Returns the requests that changed (finished ones included)."""
-        changed = []
+    def update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[EngineCoreOutput]:
+        """Append what a finished step sampled, finish requests that hit a token-level stop,
+        register the blocks it computed. One output per request with news."""
+        outs = []
         for s in sched.requests:
-            req = self.requests.get(s.request_id)
-            if req is None:                        # aborted while the step ran
+            rid = s.request_id
+            req = self.requests.get(rid)
+            if req is None:                        # finished while the step ran
                 continue
-            req.num_computed_tokens = s.start_pos + s.num_tokens
-            if s.prompt_logprobs_from is not None:
-                got = len(result.prompt_logprobs.get(s.request_id, []))
-                req.num_prompt_logprobs_done = s.prompt_logprobs_from + got
+            new: list[int] = []
             status = None
-            got = result.sampled.get(s.request_id) if s.sample else None
-            if isinstance(got, list):               # a multi-step round's samples
-                # position start_pos + i was computed to sample token i + 1 of the round
-                for i, tok in enumerate(got[:s.num_steps]):
+            if s.sample:
+                req.num_placeholders -= s.num_steps
+                for tok in result.sampled[rid][:s.num_steps]:
                     req.token_ids.append(tok)
-                    req.num_computed_tokens = s.start_pos + i + 1
+                    new.append(tok)
                     status = self._stop_status(req, tok)
                     if status is not None:
                         break
-                self.blocks.register(req.request_id, req.token_ids, req.num_computed_tokens)
-            elif s.sample:
-                tok = got
-                req.token_ids.append(tok)
-                status = self._stop_status(req, tok)
-            elif req.max_tokens == 0 and req.num_computed_tokens >= req.num_prompt_tokens:
+                self.blocks.hash_blocks(req)
+            elif req.max_tokens == 0 and s.start_pos + s.num_tokens >= req.num_prompt_tokens:
                 status = RequestStatus.FINISHED_LENGTH
-            changed.append(req)
+            if req.status == RequestStatus.RUNNING:
+                self.blocks.register(rid, req.block_hashes, min(
+                    s.start_pos + s.num_tokens + s.num_steps - 1, req.num_tokens))
+            plp = result.prompt_logprobs.get(rid)
+            if not new and plp is None and status is None:
+                continue
+            lps = result.logprobs.get(rid)
+            out = EngineCoreOutput(rid, new, new_logprobs=lps[:len(new)] if lps else None,
+                                   prompt_logprobs=plp, num_cached_tokens=req.num_cached_tokens)
             if status is not None:
-                self.finish(req.request_id, status)
-        return changed
+                self.finish(rid, status)
+                out.finish_reason, out.stop_reason = status.finish_reason, req.stop_reason
+            outs.append(out)
+        return outs
 
     def _stop_status(self, req: Request, tok: int) -> RequestStatus | None:
         p = req.params

@@ -31,6 +31,8 @@ from typing import Any, NoReturn
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from tpaserve.exceptions import ChatTemplateError
+
 ALLOWED_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 
 # Whitespace control ("-") makes the output independent of trim_blocks / lstrip_blocks.
@@ -43,10 +45,6 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 TEMPLATE_FILE = "chat_template.jinja"
-
-
-class ChatTemplateError(ValueError):
-    """Messages a template cannot render, or a template that cannot be compiled/rendered."""
 
 
 def _raise_exception(message: str) -> NoReturn:

@@ -31,14 +31,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from tpaserve.config import ConfigError, ModelConfig
+from tpaserve.config import ModelConfig
+from tpaserve.exceptions import CheckpointError, ConfigError
+from tpaserve.models.files import (  # noqa: F401
+    BIN,
+    BIN_INDEX,
+    CONFIG_FILE,
+    SAFETENSORS,
+    SAFETENSORS_INDEX,
+    WEIGHT_FILES,
+)
 from tpaserve.models.layers import Rotary
 from tpaserve.models.t6 import T6
 
-CONFIG_FILE = "config.json"
-SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
-BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, BIN, BIN_INDEX)      # lookup order
 COMPILED_PREFIX = "_orig_mod."
 EMBEDDING, LM_HEAD = "transformer.wte.weight", "lm_head.weight"
 KV_ONLY_QUERY = "attn.c_qkv.c_q.weight"
@@ -51,10 +56,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
           "fp16": torch.float16, "half": torch.float16, "float32": torch.float32,
           "fp32": torch.float32, "float": torch.float32}
 MAX_LISTED = 20                                       # problems listed in one error message
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is missing, unreadable, unsafe or does not match T6."""
 
 
 def resolve_device(device: str = "auto") -> str:

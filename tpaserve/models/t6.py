@@ -23,8 +23,15 @@ from torch import nn
 from tpaserve.config import ModelConfig
 from tpaserve.kernels.reference import query_ref
 from tpaserve.models.attention import AttentionBackend
-from tpaserve.models.layers import (FusibleLinears, Rotary, SwiGLU, add_rms_norm, fused_ops,
-                                    linear, rms_norm)
+from tpaserve.models.layers import (
+    FusibleLinears,
+    Rotary,
+    SwiGLU,
+    add_rms_norm,
+    fused_ops,
+    linear,
+    rms_norm,
+)
 
 GROUPNORM_EPS = 1e-5
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

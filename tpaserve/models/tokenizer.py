@@ -33,6 +33,7 @@ from typing import Any
 import sentencepiece as spm
 import tokenizers as hf
 
+from tpaserve.exceptions import TokenizerLoadError, TokenizerNotFoundError
 from tpaserve.models.chat_template import ChatTemplate
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -40,28 +41,6 @@ _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # byte-fallback pieces: "<0xE
 # Tried when tokenizer_config.json names no eos/bos. GPT-2 uses <|endoftext|> for both.
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|endoftext|>")
-
-_NOT_FOUND_HINT = (
-    "Pass one with --tokenizer PATH (a directory holding one of these, or the file itself). "
-    "T6 checkpoints from the authors' training code ship without a tokenizer; they were "
-    "trained with GPT-2's BPE, so point --tokenizer at a GPT-2 tokenizer directory "
-    "(vocab.json + merges.txt, or tokenizer.json).")
-
-
-class TokenizerNotFoundError(ValueError):
-    """No tokenizer at the given path. `searched` lists every place looked at."""
-
-    def __init__(self, path: str, searched: list[str], reason: str = ""):
-        self.searched = searched
-        places = "\n".join(f"  - {s}" for s in searched)
-        super().__init__(
-            f"no tokenizer found for {path!r}{': ' + reason if reason else ''}. "
-            f"Looked for:\n{places}\n{_NOT_FOUND_HINT}")
-
-
-class TokenizerLoadError(ValueError):
-    """A tokenizer file exists but cannot be read or parsed; the message names the file."""
-
 
 class TokenizerFormat(Enum):
     HF_JSON = ("tokenizer.json",)

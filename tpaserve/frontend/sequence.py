@@ -1,16 +1,19 @@
-"""Turns the scheduler's token-level progress into what clients see: incremental text,
-stop strings matched across token boundaries, logprobs, finish reasons.
+"""One of a request's n sequences as its client sees it: incremental text, stop strings
+matched across token boundaries, logprobs, the finish reason.
 
 A stop string is searched in the text not yet released; text that could still be the
 start of a stop string is held back until the next tokens decide it, so a stream never
 shows part of a stop string and the stop string itself is never returned (unless
-include_stop_str_in_output).
+include_stop_str_in_output). The core knows nothing of stop strings: when one is hit, the
+frontend finishes the sequence and aborts it in the core (tokens the core made after it
+are dropped here).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tpaserve.engine.outputs import CompletionOutput, Logprob
+from tpaserve.engine.contracts import Logprob
+from tpaserve.frontend.outputs import CompletionOutput
 from tpaserve.sampling_params import SamplingParams
 
 
@@ -46,32 +49,38 @@ class StopStringMatcher:
         return out
 
 
+
 @dataclass
 class SequenceState:
-    """One of a request's n sequences, as the client sees it."""
     index: int
     params: SamplingParams
     detok: object | None                     # IncrementalDetokenizer, None without a tokenizer
     stops: StopStringMatcher
     out: CompletionOutput = field(init=False)
-    num_tokens_seen: int = 0
 
     def __post_init__(self) -> None:
-        self.out = CompletionOutput(index=self.index,
-                                    logprobs=[] if self.params.logprobs is not None else None,
-                                    cumulative_logprob=0.0 if self.params.logprobs is not None else None)
+        want = self.params.logprobs is not None
+        self.out = CompletionOutput(index=self.index, logprobs=[] if want else None,
+                                    cumulative_logprob=0.0 if want else None)
 
-    def advance(self, output_ids: list[int], logprobs: list[Logprob],
-                finish_reason: str | None, stop_reason: int | str | None) -> str | None:
-        """Take new tokens; returns a stop string if one was hit (the caller finishes the
-        request). Fills the CompletionOutput's cumulative and delta fields."""
+    @property
+    def finished(self) -> bool:
+        return self.out.finish_reason is not None
+
+    def clear_delta(self) -> None:
         o = self.out
-        new = output_ids[self.num_tokens_seen:]
-        self.num_tokens_seen = len(output_ids)
+        o.token_ids_delta, o.logprobs_delta, o.text_delta = [], [], ""
+
+    def advance(self, new: list[int], logprobs: list[Logprob] | None,
+                finish_reason: str | None, stop_reason: int | str | None) -> str | None:
+        """Take this output's new tokens; returns a stop string if one was hit (the caller
+        aborts the sequence in the core). Fills the cumulative and delta fields."""
+        o = self.out
+        logprobs = logprobs or []
         hit, text = None, ""
         if self.detok is not None and new:
             if self.stops.stops and len(new) > 1:
-                # several tokens at once (multi-step decode): a stop string ends the output
+                # several tokens at once (a multi-step round): a stop string ends the output
                 # at the token that completes it, so feed them one at a time
                 for i, tok in enumerate(new):
                     part, hit = self.stops.feed(self.detok.step([tok]))

@@ -8,14 +8,14 @@ suffix anyway), so a grep finds what Prometheus shows. Only counters end in `_to
 Prometheus' naming rules ask - with one exception kept for vLLM compatibility:
 the histogram `iteration_tokens_total`.
 
-Where each value is measured:
-  * `EngineMetrics.observe(stats)` runs in the engine's step thread after every pass of its
-    loop, with what the engine timed as it happened (llm_engine.EngineStats): step times,
-    tokens and batch sizes, each request's queue time, first token, every later token and
-    its end. Nothing here reads a clock; a latency is the engine's, not the HTTP layer's.
-  * `EngineMetrics.refresh()` copies the engine's state into the gauges (queue lengths,
-    cache blocks and bytes) at scrape time. It reads ints and list lengths the step thread
-    writes, so it needs no lock; a scrape during a step sees the state before or after it.
+Where each value is measured (the engine core runs in its own process):
+  * the core times its steps and counts preemptions and prefix-cache lookups, and sends them
+    with its state (queue lengths, blocks in use) after every step (engine/messages.
+    SchedulerStats): `EngineMetrics.observe_core`, on the API process's event loop.
+  * the frontend times each request as its outputs are processed (arrival, first token,
+    every later token, its end; frontend/output_processor.IterationStats):
+    `EngineMetrics.observe`, before those outputs reach their clients, so a client that has
+    its response sees it counted. A latency is the frontend's, after the core's step.
   * `HTTP_REQUESTS` is counted by the server's middleware (api/server.py).
 
 Memory numbers come from FactorCacheSpec only (bytes per token and per block), for the
@@ -135,7 +135,9 @@ ITERATION_TOKENS = Histogram(
     "decodes).", LABELS, buckets=POW2_BUCKETS)
 ENGINE_STEP_DURATION = Histogram(
     "tpaserve:engine_step_duration_seconds", "Wall time of one engine step: schedule, "
-    "execute (device work included), update.", LABELS, buckets=STEP_BUCKETS)
+    "execute (device work included), update; with async scheduling, from the end of the "
+    "step before (the steps' times add up to the engine's busy time).", LABELS,
+    buckets=STEP_BUCKETS)
 ENGINE_STEP_BATCH_SIZE = Histogram(
     "tpaserve:engine_step_batch_size", "Sequences computed in one engine step.", LABELS,
     buckets=POW2_BUCKETS)
@@ -148,11 +150,11 @@ HTTP_REQUESTS = Counter(
 
 
 class EngineMetrics:
-    """The metrics of one LLMEngine served under `model_name`."""
+    """The metrics of one engine served under `model_name` (info: what the core reported)."""
 
-    def __init__(self, engine, model_name: str):
-        self.engine, self.model_name = engine, model_name
-        self._last_prefix = (engine.blocks.prefix_queries, engine.blocks.prefix_hits)
+    def __init__(self, info, model_name: str):
+        self.info, self.model_name = info, model_name
+        self._last = (0, 0, 0)            # the core's cumulative preemptions, queries, hits
         label = dict(model_name=model_name)
         self._running = NUM_REQUESTS_RUNNING.labels(**label)
         self._waiting = NUM_REQUESTS_WAITING.labels(**label)
@@ -178,28 +180,35 @@ class EngineMetrics:
         self._step_time = ENGINE_STEP_DURATION.labels(**label)
         self._batch_size = ENGINE_STEP_BATCH_SIZE.labels(**label)
         self._set_static()
-        self.refresh()
+        self._set_usage(0)
 
     def _set_static(self) -> None:
         """What does not change while the engine lives: sizes and configuration."""
-        eng, name = self.engine, self.model_name
-        spec, n = eng.spec, eng.blocks.num_blocks
+        info, name = self.info, self.model_name
+        n = info.num_blocks
         FACTOR_CACHE_BLOCKS_TOTAL.labels(name).set(n)
-        FACTOR_CACHE_BYTES_TOTAL.labels(name).set(n * spec.bytes_per_block)
-        FACTOR_CACHE_BYTES_PER_TOKEN.labels(name).set(spec.bytes_per_token)
-        MHA_EQUIVALENT_BYTES_PER_TOKEN.labels(name).set(spec.mha_bytes_per_token)
+        FACTOR_CACHE_BYTES_TOTAL.labels(name).set(n * info.bytes_per_block)
+        FACTOR_CACHE_BYTES_PER_TOKEN.labels(name).set(info.bytes_per_token)
+        MHA_EQUIVALENT_BYTES_PER_TOKEN.labels(name).set(info.mha_bytes_per_token)
         CACHE_CONFIG_INFO.labels(
-            model_name=name, block_size=str(spec.block_size), num_blocks=str(n),
-            dtype=str(spec.dtype).removeprefix("torch."), num_layers=str(spec.n_layer),
-            num_heads=str(spec.n_head), head_dim=str(spec.head_dim), k_rank=str(spec.k_rank),
-            v_rank=str(spec.v_rank), mha_equivalent_heads=str(spec.mha_heads),
-            enable_prefix_caching=str(eng.blocks.enable_prefix_caching).lower()).set(1)
+            model_name=name, block_size=str(info.block_size), num_blocks=str(n),
+            dtype=info.dtype, num_layers=str(info.n_layer), num_heads=str(info.n_head),
+            head_dim=str(info.head_dim), k_rank=str(info.k_rank), v_rank=str(info.v_rank),
+            mha_equivalent_heads=str(info.mha_heads),
+            enable_prefix_caching=str(info.enable_prefix_caching).lower()).set(1)
 
-    def observe(self, stats) -> None:
-        """What the engine did since the last call (an llm_engine.EngineStats); step thread."""
-        self._prompt.inc(stats.prompt_tokens)
-        self._generation.inc(stats.generation_tokens)
-        self._preemptions.inc(stats.num_preemptions)
+    def _set_usage(self, used: int) -> None:
+        info = self.info
+        self._used.set(used)
+        self._usage.set(used / info.num_blocks)
+        self._used_bytes.set(used * info.bytes_per_block)
+        self._mha_used_bytes.set(used * info.block_size * info.mha_bytes_per_token)
+
+    def observe_core(self, stats) -> None:
+        """The core's state and step timings (an engine/messages.SchedulerStats)."""
+        self._running.set(stats.num_running)
+        self._waiting.set(stats.num_waiting)
+        self._set_usage(stats.num_blocks_used)
         for seconds, tokens, seqs in zip(stats.step_durations, stats.step_tokens,
                                          stats.step_seqs):
             self._step_time.observe(seconds)
@@ -207,6 +216,17 @@ class EngineMetrics:
             self._batch_size.observe(seqs)
         for v in stats.queue_times:
             self._queue.observe(v)
+        now = (stats.num_preemptions, stats.prefix_queries, stats.prefix_hits)
+        for counter, new, old in zip((self._preemptions, self._prefix_queries,
+                                      self._prefix_hits), now, self._last):
+            if new > old:
+                counter.inc(new - old)
+        self._last = now
+
+    def observe(self, stats) -> None:
+        """What output processing timed (a frontend/output_processor.IterationStats)."""
+        self._prompt.inc(stats.prompt_tokens)
+        self._generation.inc(stats.generation_tokens)
         for v in stats.ttfts:
             self._ttft.observe(v)
         for v in stats.itls:
@@ -218,21 +238,3 @@ class EngineMetrics:
                 self._e2e.observe(f.e2e_latency)
                 self._req_prompt.observe(f.num_prompt_tokens)
                 self._req_generation.observe(f.num_generation_tokens)
-        # the block manager counts lookups as the scheduler admits requests (this thread)
-        blocks = self.engine.blocks
-        queries, hits = blocks.prefix_queries, blocks.prefix_hits
-        self._prefix_queries.inc(queries - self._last_prefix[0])
-        self._prefix_hits.inc(hits - self._last_prefix[1])
-        self._last_prefix = (queries, hits)
-
-    def refresh(self) -> None:
-        """Gauges from the engine's state; called at scrape time."""
-        eng = self.engine
-        sched, blocks, spec = eng.scheduler, eng.blocks, eng.spec
-        used = blocks.num_used
-        self._running.set(len(sched.running))
-        self._waiting.set(len(sched.waiting))
-        self._used.set(used)
-        self._usage.set(blocks.usage)
-        self._used_bytes.set(used * spec.bytes_per_block)
-        self._mha_used_bytes.set(used * spec.block_size * spec.mha_bytes_per_token)

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tpaserve.engine.factor_cache import FactorCache
 from tpaserve.kernels import reference
+from tpaserve.runner.factor_cache import FactorCache
 
 
 @dataclass
@@ -43,7 +43,7 @@ class TorchOps:
 
 def select_ops(device: torch.device):
     if device.type == "cuda":
-        from tpaserve.kernels import ops as triton_ops      # needs triton + a GPU
+        from tpaserve.kernels import ops as triton_ops  # needs triton + a GPU
         return triton_ops
     return TorchOps
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from tpaserve.engine.sampler import Sampler, SamplingRow, TokenLogprobs, compute_logprobs
 from tpaserve.models.attention import FullSequenceAttention
 from tpaserve.models.t6 import T6
+from tpaserve.runner.sampler import Sampler, SamplingRow, TokenLogprobs, compute_logprobs
 from tpaserve.sampling_params import SamplingParams
 
 

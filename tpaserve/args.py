@@ -1,0 +1,275 @@
+"""Every knob a user can turn, defined once: EngineArgs (the engine: model, cache, scheduler;
+also the keyword arguments of `tpaserve.LLM`) and ServerArgs (the HTTP server). Each field
+carries its flag's help, group and parser; `add_cli_args` generates the `tpaserve` flags from
+them, `from_cli_args` reads them back, and `create_engine_config` builds the frozen
+per-concern configs (config.py), which validate the values with messages that name the flag.
+
+Argument parsers here only parse (an integer, a size, a fraction); ranges are checked once,
+by the configs. Pure Python: the API process imports it without torch.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tpaserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from tpaserve.exceptions import CheckpointError, ConfigError
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo" / "t6-demo"
+DEMO_NAME = "t6-demo"
+API_KEY_ENV = "TPASERVE_API_KEY"
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20,
+          "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
+
+
+# ---- parsers (format only) -------------------------------------------------------------
+def parse_size(text: str) -> int:
+    """"4GiB" -> 4 * 2**30, "512MiB", "1.5GB" (decimal), "1048576" (bytes)."""
+    m = _SIZE.match(text)
+    if m is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: give bytes or a number with a unit, e.g. 4GiB, 512MiB")
+    value = float(m[1]) * _UNITS[(m[2] or "").lower()]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1 byte")
+    return int(value)
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _arg(default: Any, help: str, *, group: str, parse=None, choices=None, metavar=None,
+         nargs=None, negative: str | None = None) -> Any:
+    """A field and its flag. `negative`: a boolean on by default gets the flag --no-<name>
+    whose help is this text (what it turns off)."""
+    meta = dict(help=help, group=group, parse=parse, choices=choices, metavar=metavar,
+                nargs=nargs, negative=negative)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class EngineArgs:
+    # ---- model
+    model: str | None = _arg(
+        None, "T6 checkpoint directory (config.json + weights). Default: the bundled demo "
+        "model t6-demo", group="model", metavar="DIR")
+    tokenizer: str | None = _arg(
+        None, "tokenizer directory or file (tokenizer.json, tokenizer.model, vocab.json + "
+        "merges.txt). Default: looked for in --model", group="model", metavar="PATH")
+    dtype: str = _arg("auto", "weight and cache dtype; auto: bfloat16 on CUDA, float32 on "
+                      "CPU", group="model", choices=["auto", "bfloat16", "float16", "float32"])
+    device: str = _arg("auto", "auto: CUDA when a GPU is visible", group="model",
+                       choices=["auto", "cuda", "cpu"])
+    seed: int = _arg(0, "seed of the sampler for requests that give no seed", group="model",
+                     parse=_int)
+    enforce_eager: bool = _arg(False, "never capture CUDA graphs", group="model")
+    # ---- factor cache
+    block_size: int = _arg(16, "tokens per cache block", group="factor cache", parse=_int)
+    num_blocks: int | None = _arg(
+        None, "cache blocks (overrides --cache-memory and --gpu-memory-utilization)",
+        group="factor cache", parse=_int)
+    cache_memory: int | None = _arg(
+        None, "bytes for the factor cache, e.g. 4GiB, 512MiB, 1000000 (overrides "
+        "--gpu-memory-utilization). Default on CPU: 256MiB", group="factor cache",
+        parse=parse_size, metavar="SIZE")
+    gpu_memory_utilization: float = _arg(
+        0.9, "fraction of GPU memory for weights + activations + cache, in (0, 1]",
+        group="factor cache", parse=_float)
+    enable_prefix_caching: bool = _arg(
+        True, "", group="factor cache",
+        negative="turn off prefix caching (reusing the cached blocks of prompt prefixes "
+                 "that earlier requests computed)")
+    # ---- scheduler
+    max_num_batched_tokens: int = _arg(2048, "token budget of one engine step",
+                                       group="scheduler", parse=_int)
+    max_num_seqs: int = _arg(128, "sequences running at once", group="scheduler", parse=_int)
+    max_model_len: int | None = _arg(None, "context length (prompt + output). Default: the "
+                                     "model's", group="scheduler", parse=_int)
+    max_queued_requests: int | None = _arg(
+        None, "waiting sequences before new requests get 503 + Retry-After. Default: "
+        "unbounded", group="scheduler", parse=_int)
+    num_scheduler_steps: int | None = _arg(
+        None, "decode steps per scheduling round while every running request only decodes "
+        "(host work once per round; streams get up to this many tokens per chunk). Default: "
+        "8 on CUDA, 1 on CPU", group="scheduler", parse=_int)
+    async_scheduling: bool = _arg(
+        True, "", group="scheduler",
+        negative="turn off async scheduling (planning step N+1 while the device runs step "
+                 "N); every step then waits for the one before")
+
+    # ---- configs -------------------------------------------------------------------------
+    @property
+    def model_dir(self) -> Path:
+        return DEMO_DIR if self.model is None else Path(self.model)
+
+    def check_model(self) -> Path:
+        """The checkpoint directory, with config.json and weights (CheckpointError names
+        what is missing)."""
+        from tpaserve.models.files import check_checkpoint_dir
+        if self.model is None and not (DEMO_DIR / "config.json").is_file():
+            raise CheckpointError(f"no --model given and the bundled demo model is missing "
+                                  f"({DEMO_DIR}); pass --model DIR")
+        return check_checkpoint_dir(self.model_dir)
+
+    def load_tokenizer(self):
+        """The tokenizer: --tokenizer, else the one in the checkpoint directory."""
+        from tpaserve.models.tokenizer import load_tokenizer
+        path = self.tokenizer if self.tokenizer is not None else self.model_dir
+        return load_tokenizer(path, _read_json(self.model_dir / "config.json"))
+
+    def create_engine_config(self, tokenizer=None) -> EngineConfig:
+        """The frozen configs (ConfigError names the flag of a bad value)."""
+        cache = CacheConfig(block_size=self.block_size, num_blocks=self.num_blocks,
+                            cache_memory=self.cache_memory,
+                            gpu_memory_utilization=self.gpu_memory_utilization,
+                            enable_prefix_caching=self.enable_prefix_caching)
+        scheduler = SchedulerConfig(max_num_batched_tokens=self.max_num_batched_tokens,
+                                    max_num_seqs=self.max_num_seqs,
+                                    max_model_len=self.max_model_len,
+                                    max_queued_requests=self.max_queued_requests,
+                                    num_scheduler_steps=self.num_scheduler_steps)
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ConfigError(f"--seed must be an integer, got {self.seed!r}")
+        return EngineConfig(
+            model=str(self.model_dir), cache=cache, scheduler=scheduler, dtype=self.dtype,
+            device=self.device, enforce_eager=self.enforce_eager, seed=self.seed,
+            async_scheduling=self.async_scheduling,
+            eos_token_id=tokenizer.eos_token_id if tokenizer is not None else None,
+            vocab_size=tokenizer.vocab_size if tokenizer is not None else None)
+
+    # ---- the command line ----------------------------------------------------------------
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        add_fields(parser, cls)
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace):
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass
+class ServerArgs:
+    served_model_name: list[str] | None = _arg(
+        None, "name(s) clients use in 'model'; the first is reported in responses. Default: "
+        "the checkpoint directory's name", group="model", metavar="NAME", nargs="+")
+    host: str = _arg("127.0.0.1", "address to listen on", group="server")
+    port: int = _arg(8000, "port (0: any free port)", group="server", parse=_int)
+    api_key: str | None = _arg(
+        None, f"require 'Authorization: Bearer KEY' on every path but /health, /metrics and "
+        f"/version. Default: ${API_KEY_ENV} if set, else no key", group="server",
+        metavar="KEY")
+    max_request_body_bytes: int = _arg(16 * 2**20, "larger request bodies get 413 (e.g. "
+                                       "16MiB)", group="server", parse=parse_size,
+                                       metavar="SIZE")
+    graceful_shutdown_timeout: float = _arg(
+        30.0, "on SIGTERM/SIGINT, stop accepting and let in-flight requests finish for this "
+        "long", group="server", parse=_float, metavar="SECONDS")
+    log_level: str = _arg("info", "log level of tpaserve and uvicorn", group="server",
+                          choices=["debug", "info", "warning", "error", "critical"])
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be in [0, 65535], got {self.port}")
+        if self.max_request_body_bytes < 1:
+            raise ConfigError("--max-request-body-bytes must be at least 1 byte")
+        if not self.graceful_shutdown_timeout >= 0:
+            raise ConfigError(f"--graceful-shutdown-timeout must be >= 0 seconds, got "
+                              f"{self.graceful_shutdown_timeout}")
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace):
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
+# ---- flag generation ---------------------------------------------------------------------
+class HelpFormatter(argparse.HelpFormatter):
+    """Each default stated once (appended unless the help already says it, never for None
+    or for a --no- flag); lines never broken inside a word or a flag name."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=34, width=100)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if (action.option_strings and d not in (None, False, argparse.SUPPRESS)
+                and not isinstance(action, argparse._StoreFalseAction)
+                and "default" not in text.lower()):
+            text += f" (default: {_show(d)})"
+        return text
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, int) and value >= 2**20 and value % 2**20 == 0:
+        return f"{value // 2**20}MiB"
+    return str(value)
+
+
+def add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
+    groups = {g.title: g for g in parser._action_groups}
+    for f in dataclasses.fields(cls):
+        m = f.metadata
+        group = groups.get(m["group"])
+        if group is None:
+            group = groups[m["group"]] = parser.add_argument_group(m["group"])
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if m["negative"] is not None:
+            group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
+                               action="store_false", default=default, help=m["negative"])
+        elif isinstance(default, bool):
+            group.add_argument(flag, dest=f.name, action="store_true", default=default,
+                               help=m["help"])
+        else:
+            kw = {k: m[k] for k in ("choices", "metavar", "nargs") if m[k] is not None}
+            group.add_argument(flag, dest=f.name, type=m["parse"], default=default,
+                               help=m["help"], **kw)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def engine_args_from(model=None, tokenizer=None, **kwargs) -> tuple[EngineArgs, Any, Any]:
+    """For LLM(...) and build_engine(...): (EngineArgs, an nn.Module given as `model`, a
+    Tokenizer object given as `tokenizer`). Paths go into the args."""
+    module = None if model is None or isinstance(model, (str, os.PathLike)) else model
+    tok = None if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}; known: "
+                        f"{', '.join(sorted(known - {'model', 'tokenizer'}))}")
+    args = EngineArgs(model=None if module is not None or model is None else os.fspath(model),
+                      tokenizer=None if tok is not None or tokenizer is None
+                      else os.fspath(tokenizer), **kwargs)
+    return args, module, tok
