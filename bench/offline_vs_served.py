@@ -12,8 +12,11 @@ client processes (--client-procs, split by concurrency: one Python client tops o
 to the last completion over all of them.
 
 Each served row also says where the time went, from /proc and /metrics over the point:
-  api_cpu   CPU seconds per second of the API process (1.0 = one core saturated)
-  core_cpu  the same for the engine core process (its loop thread, its I/O threads)
+  api_cpu   CPU seconds per second of the API process(es) (1.0 = one core saturated)
+  core_cpu  the same for the engine core process (its loop thread, its I/O threads; waiting
+            for the GPU spins, so it is near 1.0 whenever the core is busy)
+  host_frac, wait_frac  the core loop's share of time on host work (schedule, launch,
+            update) and waiting for the device: host-bound when wait_frac is near 0
   core_busy the core's summed step times per second (1.0 = a step always running)
   tokens_per_step, seqs_per_step, step_ms: what the core's steps were
 """
@@ -60,6 +63,15 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
+def server_pids(log: Path, main_pid: int) -> tuple[list[int], int]:
+    """(the API processes, the engine core), from the server's start-up log lines."""
+    text = log.read_text()
+    core = int(re.search(r"engine core process (\d+)", text)[1])
+    m = re.search(r"\d+ API processes: ([\d, ]+)", text)
+    api = [int(p) for p in m[1].split(", ")] if m else [main_pid]
+    return api, core
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -91,11 +103,12 @@ def run_point(url: str, name: str, specs: list, concurrency: int, procs: int,
     return results, max(e for _, _, e in parts) - min(s for _, s, _ in parts)
 
 
-def start_server(args, flags: list[str], log: Path) -> tuple[subprocess.Popen, str, int]:
+def start_server(args, flags: list[str], log: Path):
     port = free_port()
-    cmd = [sys.executable, "-m", "tpaserve", "--model", args.model, "--served-model-name",
-           args.name, "--port", str(port), "--log-level", "warning", *flags]
-    print("server:", " ".join(cmd[2:]), flush=True)
+    entry = [str(ROOT / "bench" / "fake_core.py")] if args.fake_core else ["-m", "tpaserve"]
+    cmd = [sys.executable, *entry, "--model", args.model, "--served-model-name",
+           args.name, "--port", str(port), "--log-level", "info", *flags]
+    print("server:", " ".join(cmd[1:]), flush=True)
     out = open(log, "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -105,8 +118,8 @@ def start_server(args, flags: list[str], log: Path) -> tuple[subprocess.Popen, s
             raise SystemExit(f"the server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                m = re.search(r"engine core process (\d+)", log.read_text())
-                return proc, url, int(m[1]) if m else 0
+                time.sleep(1)                   # every API process up
+                return proc, url, server_pids(log, proc.pid)
         except httpx.TransportError:
             pass
         time.sleep(0.5)
@@ -125,7 +138,10 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def served_rows(args, flags: list[str]) -> list[dict]:
     log = Path(args.out_dir) / f"server-{args.name}.log"
-    proc, url, core_pid = start_server(args, flags, log)
+    proc, url, (api_pids, core_pid) = start_server(args, flags, log)
+
+    def cpu() -> tuple[float, float]:
+        return sum(cpu_seconds(p) for p in api_pids), cpu_seconds(core_pid)
     rows = []
     try:
         warm = make_requests(args.warmup, args.input_len, 16, seed=99, token_ids=True,
@@ -134,10 +150,10 @@ def served_rows(args, flags: list[str]) -> list[dict]:
         for i, (c, n) in enumerate(zip(args.concurrency, args.num_prompts)):
             specs = make_requests(n, args.input_len, args.output_len, seed=7919 * (i + 1),
                                   token_ids=True, vocab_size=args.vocab_size)
-            m0, cpu0 = scrape(url), (cpu_seconds(proc.pid), cpu_seconds(core_pid))
+            m0, cpu0 = scrape(url), cpu()
             procs = 1 if c <= 16 else args.client_procs
             results, duration = run_point(url, args.name, specs, c, procs, args.temperature)
-            m1, cpu1 = scrape(url), (cpu_seconds(proc.pid), cpu_seconds(core_pid))
+            m1, cpu1 = scrape(url), cpu()
             row = summarize(results, duration, label=args.name, mode="served", concurrency=c,
                             num_prompts=n, input_len=args.input_len,
                             output_len=args.output_len, client_procs=procs)
@@ -149,7 +165,10 @@ def served_rows(args, flags: list[str]) -> list[dict]:
                        step_ms=1e3 * d.get("tpaserve:engine_step_duration_seconds_sum", 0) / steps,
                        tokens_per_step=d.get("tpaserve:iteration_tokens_total_sum", 0) / steps,
                        seqs_per_step=d.get("tpaserve:engine_step_batch_size_sum", 0) / steps,
-                       preemptions=d.get("tpaserve:num_preemptions_total", 0))
+                       preemptions=d.get("tpaserve:num_preemptions_total", 0),
+                       host_frac=d.get("tpaserve:engine_host_seconds_total", 0) / duration,
+                       wait_frac=d.get("tpaserve:engine_device_wait_seconds_total", 0) / duration,
+                       api_procs=len(api_pids))
             print(fmt(row), flush=True)
             rows.append(row)
     finally:
@@ -180,7 +199,7 @@ def fmt(row: dict) -> str:
             f"{row['output_throughput']:>9,.0f} out tok/s  TPOT p50 "
             f"{row['median_tpot_ms'] or 0:6.2f} ms  TTFT p50 "
             f"{row['median_ttft_ms'] or 0:7.1f} ms  api_cpu {row['api_cpu']:.2f} "
-            f"core_cpu {row['core_cpu']:.2f} core_busy {row['core_busy']:.2f} "
+            f"core host {row['host_frac']:.2f} wait {row['wait_frac']:.2f} "
             f"step {row['step_ms']:.2f} ms x {row['seqs_per_step']:.0f} seqs "
             f"{row['tokens_per_step']:.0f} tok  failed {row['failed']}")
 
@@ -200,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     ap.add_argument("--client-procs", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=32)
     ap.add_argument("--skip-offline", action="store_true")
+    ap.add_argument("--fake-core", action="store_true",
+                    help="serve with bench/fake_core.py's stand-in engine core (the API "
+                         "process alone is measured; implies --skip-offline)")
     ap.add_argument("--startup-timeout", type=float, default=300)
     ap.add_argument("--out-dir", default="/tmp")
     ap.add_argument("--json", help="write the rows here")
@@ -208,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
     args.num_prompts = [int(x) for x in args.num_prompts.split(",")]
     flags = [f for f in args.engine_flags if f != "--"]
-    rows = [] if args.skip_offline else [offline_row(args, flags)]
+    rows = [] if args.skip_offline or args.fake_core else [offline_row(args, flags)]
     rows += served_rows(args, flags)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(engine_flags=flags, rows=rows), indent=1))

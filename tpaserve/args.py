@@ -189,8 +189,15 @@ class ServerArgs:
         "long", group="server", parse=_float, metavar="SECONDS")
     log_level: str = _arg("info", "log level of tpaserve and uvicorn", group="server",
                           choices=["debug", "info", "warning", "error", "critical"])
+    api_server_count: int = _arg(
+        1, "API processes serving the port in front of the one engine core (HTTP, "
+        "tokenization and streaming spread over CPU cores; each its own event loop)",
+        group="server", parse=_int)
 
     def validate(self) -> None:
+        if not 1 <= self.api_server_count <= 64:
+            raise ConfigError(f"--api-server-count must be in [1, 64], got "
+                              f"{self.api_server_count}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be in [0, 65535], got {self.port}")
         if self.max_request_body_bytes < 1:

@@ -31,7 +31,8 @@ REQUIRED = [
     "tpaserve:factor_cache_bytes_per_token", "tpaserve:mha_equivalent_bytes_per_token",
     "tpaserve:mha_equivalent_cache_used_bytes", "tpaserve:engine_step_duration_seconds_count",
     "tpaserve:engine_step_batch_size_count", "tpaserve:cache_config_info",
-    "tpaserve:http_requests_total",
+    "tpaserve:http_requests_total", "tpaserve:engine_host_seconds_total",
+    "tpaserve:engine_device_wait_seconds_total",
 ]
 
 
@@ -113,6 +114,9 @@ def test_latencies_are_measured_per_token(metrics_server):
     assert d("tpaserve:engine_step_batch_size_sum") == n
     assert d("tpaserve:iteration_tokens_total_sum") == len(PROMPT_IDS) + n - 1
     assert 0 < d("tpaserve:engine_step_duration_seconds_sum") <= e2e
+    # the core's loop: host work and waiting for the device, within the request's time
+    assert 0 < d("tpaserve:engine_host_seconds_total") <= e2e
+    assert 0 <= d("tpaserve:engine_device_wait_seconds_total") <= e2e
     assert value(after, "tpaserve:time_to_first_token_seconds_bucket", le="+Inf") >= 1
 
 
@@ -231,3 +235,18 @@ def test_prefix_cache_queries_and_hits_count_tokens(prefix_server):
     assert delta(before, after, "tpaserve:prefix_cache_queries_total") == 2 * len(prompt)
     assert delta(before, after, "tpaserve:prefix_cache_hits_total") == 2 * BLOCK_SIZE
     assert value(after, "tpaserve:cache_config_info", enable_prefix_caching="true") == 1
+
+
+def test_observe_n_equals_n_observations():
+    """The ITL histogram takes a round's tokens in one call; it must equal n observe()s."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from tpaserve.frontend.metrics import ITL_BUCKETS, observe_n
+    one, many = CollectorRegistry(), CollectorRegistry()
+    a = Histogram("x", "x", buckets=ITL_BUCKETS, registry=one)
+    b = Histogram("x", "x", buckets=ITL_BUCKETS, registry=many)
+    for value, n in [(0.0004, 3), (0.001, 2), (0.0123, 8), (0.5, 1), (99.0, 4), (0.03, 0)]:
+        observe_n(a, value, n)
+        for _ in range(n):
+            b.observe(value)
+    assert generate_latest(one) == generate_latest(many)

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.conftest import (API_KEY, MODEL_NAME, Server, checkpoint,  # noqa: F401
-                                ref_model, stop, tokenizer)
+from tests.api.conftest import API_KEY, MODEL_NAME, Server, checkpoint, ref_model, stop, tokenizer  # noqa: F401
 from tests.api.conftest import launch as api_launch
 from tests.reference import reference_generate
 from tests.reliability.common import Expected, expected_output

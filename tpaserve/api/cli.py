@@ -107,26 +107,22 @@ def main(argv: list[str] | None = None) -> None:
         sock.close()
         fail(one_line(e))
 
-    from tpaserve.frontend.async_llm import AsyncLLM
-    from tpaserve.frontend.core_client import CoreStartError
-    llm = AsyncLLM(config, tokenizer, log_level=server_args.log_level)
-    logger.info("engine core process %d: loading %s", llm.core.pid, model_dir)
+    from tpaserve.frontend.core_client import CoreProcess, CoreStartError
+    n_api = server_args.api_server_count
+    if n_api > 1:
+        from tpaserve.api.workers import metrics_dir
+        metrics_dir()                     # before any API process imports prometheus_client
+    core = CoreProcess(config, num_clients=n_api, log_level=server_args.log_level)
+    logger.info("engine core process %d: loading %s", core.pid, model_dir)
     try:
-        info = llm.wait_ready()
+        info = core.wait_ready()
     except CoreStartError as e:
         sock.close()
         fail(str(e), EXIT_BAD_CONFIG if e.user_error else EXIT_ENGINE_DIED)
     except KeyboardInterrupt:
-        llm.core.kill()
+        core.kill()
         raise SystemExit(130) from None
 
-    import uvicorn
-
-    from tpaserve.api.server import build_app
-    from tpaserve.api.shutdown import DrainingServer
-    app = build_app(llm, names, model_root=str(model_dir),
-                    api_key=server_args.api_key,
-                    max_request_body_bytes=server_args.max_request_body_bytes)
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
     logger.info("model %s (%s) from %s", names[0], ", ".join(names[1:]) or "no aliases",
@@ -136,8 +132,23 @@ def main(argv: list[str] | None = None) -> None:
                 info.num_scheduler_steps, "on" if info.async_scheduling else "off",
                 tokenizer.name_or_path)
     logger.info(info.cache_summary)
-    logger.info("serving on http://%s:%d (API key %s)", url_host, port,
-                "required" if server_args.api_key else "not required")
+    logger.info("serving on http://%s:%d (API key %s, %d API process%s)", url_host, port,
+                "required" if server_args.api_key else "not required", n_api,
+                "es" if n_api > 1 else "")
+    if n_api > 1:
+        from tpaserve.api.workers import serve_with_workers
+        sys.exit(serve_with_workers(engine_args, server_args, config, core, sock, names,
+                                    str(model_dir)))
+
+    import uvicorn
+
+    from tpaserve.api.server import build_app
+    from tpaserve.api.shutdown import DrainingServer
+    from tpaserve.frontend.async_llm import AsyncLLM
+    llm = AsyncLLM(config, tokenizer, core=core)
+    app = build_app(llm, names, model_root=str(model_dir),
+                    api_key=server_args.api_key,
+                    max_request_body_bytes=server_args.max_request_body_bytes)
     uv_config = uvicorn.Config(app, log_level=server_args.log_level, lifespan="on",
                                timeout_graceful_shutdown=server_args.graceful_shutdown_timeout,
                                log_config=None)

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 import tpaserve
 from tpaserve.api.engine_client import EngineClient
 from tpaserve.api.errors import OpenAIRoute, error_responses
 from tpaserve.api.protocol import ModelCard, ModelList
+from tpaserve.frontend.metrics import render as render_metrics
 
 router = APIRouter(route_class=OpenAIRoute)
 
@@ -54,4 +54,5 @@ async def version() -> Response:
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    body, content_type = render_metrics()
+    return Response(body, media_type=content_type)

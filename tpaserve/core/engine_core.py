@@ -127,6 +127,9 @@ class EngineCore:
         self.client_of: dict[str, int] = {}       # live request -> the frontend it answers
         self._steps: tuple[list[float], list[int], list[int]] = ([], [], [])
         self._last_step_end = 0.0
+        # where the loop's time goes: host work (schedule, launch, update) vs waiting for
+        # the device; cumulative seconds, sent with the stats
+        self._host = self._wait = 0.0
         logger.info(spec.summary(num_blocks))
 
     @property
@@ -202,6 +205,8 @@ class EngineCore:
             pending = self.runner.execute(sched)
         except Exception as exc:                       # noqa: BLE001 - reported per request
             return self._fail_step(sched, exc)
+        finally:
+            self._host += time.monotonic() - t0
         if not sched.requests:
             return []
         return sched, pending, t0
@@ -211,10 +216,13 @@ class EngineCore:
         sched, pending, t0 = launched
         if launched is self.in_flight:
             self.in_flight = None
+        t1 = time.monotonic()
         try:
             result = pending.result()
         except Exception as exc:                       # noqa: BLE001 - reported per request
             return self._fail_step(sched, exc)
+        t2 = time.monotonic()
+        self._wait += t2 - t1
         self.consecutive_failures = 0
         outs = self.scheduler.update(sched, result)
         durations, tokens, seqs = self._steps
@@ -224,6 +232,7 @@ class EngineCore:
         now = time.monotonic()
         durations.append(now - max(t0, self._last_step_end))
         self._last_step_end = now
+        self._host += now - t2
         tokens.append(sched.num_tokens)
         seqs.append(len(sched.requests))
         return outs
@@ -266,4 +275,5 @@ class EngineCore:
             num_running=len(s.running), num_waiting=len(s.waiting), num_blocks_used=b.num_used,
             num_preemptions=s.num_preemptions, prefix_queries=b.prefix_queries,
             prefix_hits=b.prefix_hits, step_durations=durations, step_tokens=tokens,
-            step_seqs=seqs, queue_times=queue)
+            step_seqs=seqs, queue_times=queue, host_seconds=self._host,
+            wait_seconds=self._wait)

@@ -79,6 +79,8 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True):
     step_tokens: list[int] = []           # positions computed per step
     step_seqs: list[int] = []             # sequences per step
     queue_times: list[float] = []         # arrival -> first scheduled, per request
+    host_seconds: float = 0.0             # cumulative: scheduling, launching, updating
+    wait_seconds: float = 0.0             # cumulative: waiting for the device's results
 
 
 class EngineCoreOutputs(msgspec.Struct, tag=True, array_like=True, omit_defaults=True):

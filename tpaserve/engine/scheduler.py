@@ -347,12 +347,8 @@ class Scheduler:
             status = None
             if s.sample:
                 req.num_placeholders -= s.num_steps
-                for tok in result.sampled[rid][:s.num_steps]:
-                    req.token_ids.append(tok)
-                    new.append(tok)
-                    status = self._stop_status(req, tok)
-                    if status is not None:
-                        break
+                new, status = self._accept(req, result.sampled[rid][:s.num_steps])
+                req.token_ids += new
                 self.blocks.hash_blocks(req)
             elif req.max_tokens == 0 and s.start_pos + s.num_tokens >= req.num_prompt_tokens:
                 status = RequestStatus.FINISHED_LENGTH
@@ -371,19 +367,26 @@ class Scheduler:
             outs.append(out)
         return outs
 
-    def _stop_status(self, req: Request, tok: int) -> RequestStatus | None:
+    def _accept(self, req: Request, toks: list[int]) -> tuple[list[int], RequestStatus | None]:
+        """The sampled tokens a request keeps, in order, up to the first stop condition, and
+        that condition. The k-th token (from 1) ends it at eos (unless ignore_eos) or a stop
+        token id once it has min_tokens outputs, else at max_tokens or the context length
+        (a stop token that also reaches the length counts as a stop)."""
         p = req.params
-        n_out = req.num_output_tokens
-        if n_out >= p.min_tokens:
-            if tok == req.eos_token_id and not p.ignore_eos:
-                req.stop_reason = None
-                return RequestStatus.FINISHED_STOPPED
-            if tok in p.stop_token_ids:
-                req.stop_reason = tok
-                return RequestStatus.FINISHED_STOPPED
-        if n_out >= req.max_tokens or req.num_tokens >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
+        n_out, n_tok = req.num_output_tokens, req.num_tokens
+        cut, status = len(toks), None
+        room = max(min(req.max_tokens - n_out, self.max_model_len - n_tok), 1)
+        if room <= cut:
+            cut, status = room, RequestStatus.FINISHED_LENGTH
+        eos = None if p.ignore_eos else req.eos_token_id
+        stops = p.stop_token_ids
+        if eos is not None or stops:
+            for i in range(max(p.min_tokens - n_out - 1, 0), cut):
+                tok = toks[i]
+                if tok == eos or tok in stops:
+                    req.stop_reason = None if tok == eos else tok
+                    return toks[:i + 1], RequestStatus.FINISHED_STOPPED
+        return toks[:cut] if cut < len(toks) else toks, status
 
 
 def _needs_history(req: Request) -> bool:

@@ -25,7 +25,7 @@ from tpaserve.config import EngineConfig
 from tpaserve.engine.messages import CoreDead, EngineInfo, RequestError, SchedulerStats
 from tpaserve.engine.scheduler import check_request
 from tpaserve.exceptions import EngineDeadError, QueueFull, RequestRejected
-from tpaserve.frontend.core_client import AsyncMPClient, CoreProcess, describe_exit
+from tpaserve.frontend.core_client import AsyncMPClient, CoreProcess
 from tpaserve.frontend.output_processor import OutputProcessor
 from tpaserve.frontend.outputs import RequestOutput
 from tpaserve.sampling_params import SamplingParams
@@ -41,12 +41,16 @@ def refusal(err: RequestError) -> Exception:
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig, tokenizer=None, log_level: str = "info"):
-        """Spawns the engine core process (it loads the model); `wait_ready` waits for it."""
+    def __init__(self, config: EngineConfig, tokenizer=None, log_level: str = "info",
+                 core=None, client_index: int = 0):
+        """Spawns the engine core process (it loads the model; `wait_ready` waits for it),
+        or, given `core` (an AttachedCore), serves as frontend `client_index` of a core
+        another process started."""
         self.tokenizer = tokenizer
         self.processor = OutputProcessor(tokenizer)
-        self.core = CoreProcess(config, num_clients=1, log_level=log_level)
-        self.info: EngineInfo | None = None
+        self.core = core or CoreProcess(config, num_clients=1, log_level=log_level)
+        self.client_index = client_index
+        self.info: EngineInfo | None = getattr(core, "info", None)
         self.metrics = None              # frontend/metrics.EngineMetrics, set by the server
         self.stats: SchedulerStats | None = None   # the core's state after its last step
         self.dead: EngineDeadError | None = None
@@ -66,7 +70,7 @@ class AsyncLLM:
     async def start(self) -> None:
         """Connect to the ready core from the running event loop."""
         self._loop = asyncio.get_running_loop()
-        self._client = AsyncMPClient(self.core.addresses, 0)
+        self._client = AsyncMPClient(self.core.addresses, self.client_index)
         self._loop.add_reader(self.core.sentinel, self._core_exited)
         self._task = asyncio.create_task(self._output_loop(), name="tpaserve-outputs")
 
@@ -98,9 +102,10 @@ class AsyncLLM:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the core process (after the server drained its requests and disconnected):
-        it gets Shutdown, and is killed if it has not exited within `timeout`."""
+        it gets Shutdown, and is killed if it has not exited within `timeout`. An attached
+        frontend only lets go of it (its owner stops it)."""
         self.shutting_down = True
-        if self.core.alive():
+        if isinstance(self.core, CoreProcess) and self.core.alive():
             AsyncMPClient.send_shutdown(self.core.addresses)
         self.core.stop(timeout)
 
@@ -119,7 +124,7 @@ class AsyncLLM:
                       max_model_len=info.max_model_len, num_blocks=info.num_blocks,
                       block_size=info.block_size)
         reqs = self.processor.add_request(request_id, prompt_token_ids, params,
-                                          time.monotonic(), priority)
+                                          time.monotonic(), priority, self.client_index)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
         self._client.add(reqs)
@@ -180,9 +185,7 @@ class AsyncLLM:
         self._loop.remove_reader(self.core.sentinel)
         if self.shutting_down:
             return
-        self.core.proc.join(1)
-        self._die(f"the engine core process ended unexpectedly "
-                  f"({describe_exit(self.core.proc.exitcode)})")
+        self._die(f"the engine core process ended unexpectedly ({self.core.describe_exit()})")
 
     def _die(self, message: str) -> None:
         if self.dead is not None:

@@ -3,6 +3,7 @@ core runs:
 
   InprocClient    the EngineCore in this process, stepped by the caller (offline LLM, tests)
   CoreProcess     the engine core process: spawned, its start-up handshake, its exit
+  AttachedCore    a core process another process owns (one of several API processes)
   AsyncMPClient   one frontend's sockets to it: a PUSH for inputs, a PULL for its outputs
 
 Messages are engine/messages.py's msgspec Structs, msgpack-encoded. Inputs are sent from
@@ -140,6 +141,10 @@ class CoreProcess:
     def alive(self) -> bool:
         return self.proc.is_alive()
 
+    def describe_exit(self) -> str:
+        self.proc.join(1)
+        return describe_exit(self.proc.exitcode)
+
     def stop(self, timeout: float = 10.0) -> None:
         """Wait for the core to exit (after a Shutdown was sent), killing it if it lingers."""
         self.proc.join(timeout)
@@ -155,6 +160,35 @@ class CoreProcess:
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join(5)
+
+
+class AttachedCore:
+    """A core process started by another process (the CLI's main process, with several API
+    processes): its addresses and pid, watched through a pidfd (readable once it exits).
+    Its owner stops it; here `stop` only closes the watch."""
+
+    def __init__(self, addresses, pid: int, info: EngineInfo):
+        self.addresses, self.pid, self.info = addresses, pid, info
+        self.sentinel = os.pidfd_open(pid)
+
+    def alive(self) -> bool:
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except OSError:
+            return False
+
+    def describe_exit(self) -> str:
+        return "it is gone"
+
+    def stop(self, timeout: float = 0.0) -> None:
+        try:
+            os.close(self.sentinel)
+        except OSError:
+            pass
+
+    def kill(self) -> None:
+        pass
 
 
 class AsyncMPClient:

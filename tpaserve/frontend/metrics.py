@@ -23,7 +23,20 @@ factor cache and for the MHA model of the same size it is compared with.
 """
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+import bisect
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
 
 # No `*_created` series: they double the exposition and no dashboard reads them (vLLM too).
 disable_created_metrics()
@@ -54,40 +67,47 @@ REQUEST_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 
 STEP_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2,
                 0.3, 0.5, 0.75, 1.0, 2.5, 5.0]
 
+
+def _gauge(name: str, doc: str, labels: list[str]) -> Gauge:
+    # several API processes: each keeps its own value; /metrics shows the largest of the
+    # live ones (see render())
+    return Gauge(name, doc, labels, multiprocess_mode="livemax")
+
+
 # ---- scheduler state (gauges, at scrape time) ------------------------------------------------
-NUM_REQUESTS_RUNNING = Gauge(
+NUM_REQUESTS_RUNNING = _gauge(
     "tpaserve:num_requests_running", "Sequences in the running batch (a request with n > 1 "
     "counts n).", LABELS)
-NUM_REQUESTS_WAITING = Gauge(
+NUM_REQUESTS_WAITING = _gauge(
     "tpaserve:num_requests_waiting", "Sequences waiting to run (preempted ones included).",
     LABELS)
 
 # ---- the factor cache (gauges) -----------------------------------------------------------
 # blocks_total / bytes_total are gauges named as the project's metric list asks (the totals
 # of the cache), although Prometheus keeps the _total suffix for counters by convention.
-FACTOR_CACHE_USAGE = Gauge(
+FACTOR_CACHE_USAGE = _gauge(
     "tpaserve:factor_cache_usage_perc", "Fraction of factor-cache blocks in use (0 to 1).",
     LABELS)
-FACTOR_CACHE_BLOCKS_TOTAL = Gauge(
+FACTOR_CACHE_BLOCKS_TOTAL = _gauge(
     "tpaserve:factor_cache_blocks_total", "Factor-cache blocks in total.", LABELS)
-FACTOR_CACHE_BLOCKS_USED = Gauge(
+FACTOR_CACHE_BLOCKS_USED = _gauge(
     "tpaserve:factor_cache_blocks_used", "Factor-cache blocks referenced by a request.", LABELS)
-FACTOR_CACHE_BYTES_TOTAL = Gauge(
+FACTOR_CACHE_BYTES_TOTAL = _gauge(
     "tpaserve:factor_cache_bytes_total", "Bytes of the factor cache (all blocks).", LABELS)
-FACTOR_CACHE_BYTES_USED = Gauge(
+FACTOR_CACHE_BYTES_USED = _gauge(
     "tpaserve:factor_cache_bytes_used", "Bytes of the factor-cache blocks in use.", LABELS)
-FACTOR_CACHE_BYTES_PER_TOKEN = Gauge(
+FACTOR_CACHE_BYTES_PER_TOKEN = _gauge(
     "tpaserve:factor_cache_bytes_per_token", "Factor-cache bytes per token: layers * "
     "(R_K + R_V)(h + d_h) * itemsize.", LABELS)
-MHA_EQUIVALENT_BYTES_PER_TOKEN = Gauge(
+MHA_EQUIVALENT_BYTES_PER_TOKEN = _gauge(
     "tpaserve:mha_equivalent_bytes_per_token", "KV-cache bytes per token of a multi-head "
     "attention model of the same size (d_model / d_h heads): layers * 2 h d_h * itemsize.",
     LABELS)
-MHA_EQUIVALENT_CACHE_USED_BYTES = Gauge(
+MHA_EQUIVALENT_CACHE_USED_BYTES = _gauge(
     "tpaserve:mha_equivalent_cache_used_bytes", "Bytes that same-size MHA model would need "
     "for the token slots of the blocks in use (used_blocks * block_size * its bytes/token).",
     LABELS)
-CACHE_CONFIG_INFO = Gauge(
+CACHE_CONFIG_INFO = _gauge(
     "tpaserve:cache_config_info", "The factor cache's configuration, in labels (value 1).",
     LABELS + ["block_size", "num_blocks", "dtype", "num_layers", "num_heads", "head_dim",
               "k_rank", "v_rank", "mha_equivalent_heads", "enable_prefix_caching"])
@@ -109,6 +129,14 @@ PREFIX_CACHE_QUERIES = Counter(
     LABELS)
 PREFIX_CACHE_HITS = Counter(
     "tpaserve:prefix_cache_hits_total", "Prompt tokens found in the prefix cache.", LABELS)
+
+ENGINE_HOST_SECONDS = Counter(
+    "tpaserve:engine_host_seconds_total", "Seconds the engine core's loop spent on host work: "
+    "scheduling, launching steps, updating from their results. With device_wait: whether "
+    "serving is bound by the host (little waiting) or by the device.", LABELS)
+ENGINE_DEVICE_WAIT_SECONDS = Counter(
+    "tpaserve:engine_device_wait_seconds_total", "Seconds the engine core's loop waited for "
+    "the device to finish a step.", LABELS)
 
 # ---- latencies and sizes (histograms, from the step thread) ------------------------------
 TIME_TO_FIRST_TOKEN = Histogram(
@@ -149,12 +177,34 @@ HTTP_REQUESTS = Counter(
     LABELS + ["method", "route", "status"])
 
 
+def observe_n(hist, value: float, n: int) -> None:
+    """n observations of one value in one go (a multi-step round delivers n tokens with one
+    gap between them; observing each costs a lock per token). Mirrors Histogram.observe,
+    whose bucket and sum fields it updates; tests/deploy/test_metrics.py checks it against
+    n observe() calls, so a change in prometheus-client shows."""
+    hist._raise_if_not_observable()
+    hist._sum.inc(value * n)
+    hist._buckets[bisect.bisect_left(hist._upper_bounds, value)].inc(n)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition for /metrics: this process's registry, or with several API processes
+    (PROMETHEUS_MULTIPROC_DIR set by the CLI before any of them starts) all of theirs
+    merged: counters and histograms summed, gauges the largest of the live processes' (only
+    API process 0 sets the engine's gauges; every process sets the static ones alike)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
 class EngineMetrics:
     """The metrics of one engine served under `model_name` (info: what the core reported)."""
 
     def __init__(self, info, model_name: str):
         self.info, self.model_name = info, model_name
-        self._last = (0, 0, 0)            # the core's cumulative preemptions, queries, hits
+        self._last = (0, 0, 0, 0.0, 0.0)  # the core's cumulative counters, as last seen
         label = dict(model_name=model_name)
         self._running = NUM_REQUESTS_RUNNING.labels(**label)
         self._waiting = NUM_REQUESTS_WAITING.labels(**label)
@@ -167,6 +217,8 @@ class EngineMetrics:
         self._preemptions = NUM_PREEMPTIONS.labels(**label)
         self._prefix_queries = PREFIX_CACHE_QUERIES.labels(**label)
         self._prefix_hits = PREFIX_CACHE_HITS.labels(**label)
+        self._host = ENGINE_HOST_SECONDS.labels(**label)
+        self._wait = ENGINE_DEVICE_WAIT_SECONDS.labels(**label)
         # every finish reason shows from the start (as 0), so rate() works on the first one
         self._success = {r: REQUEST_SUCCESS.labels(model_name=model_name, finished_reason=r)
                          for r in FINISH_REASONS}
@@ -216,9 +268,11 @@ class EngineMetrics:
             self._batch_size.observe(seqs)
         for v in stats.queue_times:
             self._queue.observe(v)
-        now = (stats.num_preemptions, stats.prefix_queries, stats.prefix_hits)
+        now = (stats.num_preemptions, stats.prefix_queries, stats.prefix_hits,
+               stats.host_seconds, stats.wait_seconds)
         for counter, new, old in zip((self._preemptions, self._prefix_queries,
-                                      self._prefix_hits), now, self._last):
+                                      self._prefix_hits, self._host, self._wait), now,
+                                     self._last):
             if new > old:
                 counter.inc(new - old)
         self._last = now
@@ -229,8 +283,8 @@ class EngineMetrics:
         self._generation.inc(stats.generation_tokens)
         for v in stats.ttfts:
             self._ttft.observe(v)
-        for v in stats.itls:
-            self._itl.observe(v)
+        for gap, n in stats.itls:
+            observe_n(self._itl, gap, n)
         for f in stats.finished:
             for reason in f.finish_reasons:
                 self._success[reason].inc()

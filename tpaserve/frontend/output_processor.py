@@ -41,7 +41,7 @@ class IterationStats:
     prompt_tokens: int = 0            # prompts of requests that returned their first output
     generation_tokens: int = 0
     ttfts: list[float] = field(default_factory=list)
-    itls: list[float] = field(default_factory=list)
+    itls: list[tuple[float, int]] = field(default_factory=list)   # (gap, tokens it spans)
     finished: list[FinishedRequestStats] = field(default_factory=list)
 
 
@@ -172,7 +172,7 @@ class OutputProcessor:
                     st.ttfts.append(now - state.arrival_time)
                 last = state.last_token_time.get(co.request_id)
                 if last is not None:
-                    st.itls.extend([(now - last) / n_new] * n_new)
+                    st.itls.append(((now - last) / n_new, n_new))
                 state.last_token_time[co.request_id] = now
         results = []
         for rid, state in touched.items():
