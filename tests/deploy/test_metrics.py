@@ -245,8 +245,8 @@ def test_observe_n_equals_n_observations():
     one, many = CollectorRegistry(), CollectorRegistry()
     a = Histogram("x", "x", buckets=ITL_BUCKETS, registry=one)
     b = Histogram("x", "x", buckets=ITL_BUCKETS, registry=many)
-    for value, n in [(0.0004, 3), (0.001, 2), (0.0123, 8), (0.5, 1), (99.0, 4), (0.03, 0)]:
-        observe_n(a, value, n)
+    for amount, n in [(0.0004, 3), (0.001, 2), (0.0123, 8), (0.5, 1), (99.0, 4), (0.03, 0)]:
+        observe_n(a, amount, n)
         for _ in range(n):
-            b.observe(value)
+            b.observe(amount)
     assert generate_latest(one) == generate_latest(many)
