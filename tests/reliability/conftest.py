@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.conftest import API_KEY, MODEL_NAME, Server, checkpoint, ref_model, stop, tokenizer  # noqa: F401
+from tests.api.conftest import API_KEY, MODEL_NAME, Server, stop  # noqa: F401
+from tests.api.conftest import checkpoint, ref_model, tokenizer  # noqa: F401 (fixtures)
 from tests.api.conftest import launch as api_launch
 from tests.reference import reference_generate
 from tests.reliability.common import Expected, expected_output
