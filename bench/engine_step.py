@@ -93,17 +93,17 @@ def unfused(model: T6):
         T6.fuse_projections = fuse
 
 
-def kernel_census(eng, batch: int) -> dict:
+def kernel_census(eng, batch: int, ctx_class: int) -> dict:
     """Kernels (and memsets) of one decode step: the graph's forward run eagerly under the
     profiler. Returns counts and device microseconds by kernel name."""
     from torch.profiler import ProfilerActivity, profile
     g = eng.core.runner.graphs
-    b = g.bucket_for(batch)
+    b = g.decode_bucket(batch)
     with torch.inference_mode():
-        g._forward(b, g._class)                              # warm (no compiles inside)
+        g._decode(b, ctx_class)                              # warm (no compiles inside)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            g._forward(b, g._class)
+            g._decode(b, ctx_class)
             torch.cuda.synchronize()
     count, us = defaultdict(int), defaultdict(float)
     for e in prof.events():
@@ -120,7 +120,9 @@ def kernel_census(eng, batch: int) -> dict:
 def time_decode(model: T6, variant: str, batch: int, eager: bool, ctx: int, steps: int,
                 round_steps: int = 1) -> dict:
     """round_steps > 1: multi-step rounds; each engine.step() then makes round_steps tokens
-    per request and the row reports time per token step (step time / round_steps)."""
+    per request and the row reports time per token step (step time / round_steps). With
+    async scheduling a step() launches one step and finishes the one before: in the steady
+    state its wall time is the larger of the host's and the device's time per step."""
     ctxm = unfused(model) if variant == "base" else contextlib.nullcontext()
     with ctxm:
         eng = build_engine(model, num_blocks=batch * (ctx // 16 + 40 + round_steps * (steps + 4) // 16)
@@ -141,15 +143,16 @@ def time_decode(model: T6, variant: str, batch: int, eager: bool, ctx: int, step
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        eng.step()              # returns after sampling: .tolist() syncs the device
+        eng.step()              # returns after the step before's results are on the host
         times.append(time.perf_counter() - t)
     row = dict(variant=variant, batch=batch, ctx=ctx, eager=eager,
                max_model_len=eng.max_model_len, round_steps=round_steps,
                step_ms_median=1e3 * statistics.median(times) / round_steps,
                step_ms_p90=1e3 * sorted(times)[int(0.9 * len(times))] / round_steps)
     g = eng.core.runner.graphs
-    if g is not None and (batch, g._class) in g.graphs:      # the class the last steps used
-        graph, _ = g.graphs[(batch, g._class)]
+    key = ("decode", g.decode_bucket(batch), g.context_class(ctx)) if g is not None else None
+    if g is not None and key in g.graphs:        # the class of the timed steps' contexts
+        graph, _ = g.graphs[key]
         reps = []
         for _ in range(5):                                   # 5 x 50 replays: median, spread
             torch.cuda.synchronize()
@@ -164,7 +167,7 @@ def time_decode(model: T6, variant: str, batch: int, eager: bool, ctx: int, step
         row["graph_replay_ms"] = statistics.median(reps)
         row["graph_replay_ms_range"] = [min(reps), max(reps)]
         try:
-            row["census"] = kernel_census(eng, batch)
+            row["census"] = kernel_census(eng, batch, key[2])
         except Exception as e:                               # the profiler is optional
             row["census"] = dict(error=repr(e))
     del eng

@@ -19,14 +19,17 @@ from bench.workload import make_requests
 
 
 def engine_kwargs(flags: Sequence[str]) -> dict:
-    """`tpaserve` engine flags -> EngineArgs keyword arguments (the CLI's own parser)."""
+    """`tpaserve` flags -> EngineArgs keyword arguments (the CLI's own parser; the server's
+    flags, such as --api-server-count, are accepted and left out)."""
+    import dataclasses
+
+    from tpaserve.api.cli import build_parser
     from tpaserve.args import EngineArgs
-    parser = argparse.ArgumentParser(add_help=False)
-    EngineArgs.add_cli_args(parser)
-    ns = parser.parse_args(list(flags))
+    ns = build_parser().parse_args(list(flags))
     defaults = EngineArgs()
-    return {k: v for k, v in vars(ns).items()
-            if k not in ("model", "tokenizer") and v != getattr(defaults, k)}
+    return {f.name: getattr(ns, f.name) for f in dataclasses.fields(EngineArgs)
+            if f.name not in ("model", "tokenizer")
+            and getattr(ns, f.name) != getattr(defaults, f.name)}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -168,12 +168,22 @@ def served_rows(args, flags: list[str]) -> list[dict]:
                        preemptions=d.get("tpaserve:num_preemptions_total", 0),
                        host_frac=d.get("tpaserve:engine_host_seconds_total", 0) / duration,
                        wait_frac=d.get("tpaserve:engine_device_wait_seconds_total", 0) / duration,
-                       api_procs=len(api_pids))
+                       api_procs=len(api_pids),
+                       # the server's own view of the latency: queue (arrival -> scheduled,
+                       # in the core) and time to first token (arrival -> first output
+                       # processed in the API process), means in ms
+                       server_queue_ms=1e3 * _mean(d, "tpaserve:request_queue_time_seconds"),
+                       server_ttft_ms=1e3 * _mean(d, "tpaserve:time_to_first_token_seconds"))
             print(fmt(row), flush=True)
             rows.append(row)
     finally:
         stop_server(proc)
     return rows
+
+
+def _mean(d: dict, hist: str) -> float:
+    n = d.get(hist + "_count", 0.0)
+    return d.get(hist + "_sum", 0.0) / n if n else math.nan
 
 
 def offline_row(args, flags: list[str]) -> dict:
@@ -198,7 +208,8 @@ def fmt(row: dict) -> str:
     return (f"{row['label']:>10} served c={row['concurrency']:<4} "
             f"{row['output_throughput']:>9,.0f} out tok/s  TPOT p50 "
             f"{row['median_tpot_ms'] or 0:6.2f} ms  TTFT p50 "
-            f"{row['median_ttft_ms'] or 0:7.1f} ms  api_cpu {row['api_cpu']:.2f} "
+            f"{row['median_ttft_ms'] or 0:7.1f} ms (server: queue {row['server_queue_ms']:.1f}, "
+            f"ttft {row['server_ttft_ms']:.1f})  api_cpu {row['api_cpu']:.2f} "
             f"core host {row['host_frac']:.2f} wait {row['wait_frac']:.2f} "
             f"step {row['step_ms']:.2f} ms x {row['seqs_per_step']:.0f} seqs "
             f"{row['tokens_per_step']:.0f} tok  failed {row['failed']}")

@@ -84,37 +84,40 @@ class EngineArgs:
     device: str = _arg("auto", "auto: CUDA when a GPU is visible", group="model",
                        choices=["auto", "cuda", "cpu"])
     seed: int = _arg(0, "seed of the sampler for requests that give no seed", group="model",
-                     parse=_int)
+                     parse=_int, metavar="N")
     enforce_eager: bool = _arg(False, "never capture CUDA graphs", group="model")
     # ---- factor cache
-    block_size: int = _arg(16, "tokens per cache block", group="factor cache", parse=_int)
+    block_size: int = _arg(16, "tokens per cache block", group="factor cache", parse=_int,
+                           metavar="TOKENS")
     num_blocks: int | None = _arg(
         None, "cache blocks (overrides --cache-memory and --gpu-memory-utilization)",
-        group="factor cache", parse=_int)
+        group="factor cache", parse=_int, metavar="N")
     cache_memory: int | None = _arg(
         None, "bytes for the factor cache, e.g. 4GiB, 512MiB, 1000000 (overrides "
         "--gpu-memory-utilization). Default on CPU: 256MiB", group="factor cache",
         parse=parse_size, metavar="SIZE")
     gpu_memory_utilization: float = _arg(
         0.9, "fraction of GPU memory for weights + activations + cache, in (0, 1]",
-        group="factor cache", parse=_float)
+        group="factor cache", parse=_float, metavar="FRACTION")
     enable_prefix_caching: bool = _arg(
         True, "", group="factor cache",
         negative="turn off prefix caching (reusing the cached blocks of prompt prefixes "
                  "that earlier requests computed)")
     # ---- scheduler
     max_num_batched_tokens: int = _arg(2048, "token budget of one engine step",
-                                       group="scheduler", parse=_int)
-    max_num_seqs: int = _arg(128, "sequences running at once", group="scheduler", parse=_int)
+                                       group="scheduler", parse=_int, metavar="TOKENS")
+    max_num_seqs: int = _arg(128, "sequences running at once", group="scheduler", parse=_int,
+                             metavar="N")
     max_model_len: int | None = _arg(None, "context length (prompt + output). Default: the "
-                                     "model's", group="scheduler", parse=_int)
+                                     "model's", group="scheduler", parse=_int,
+                                     metavar="TOKENS")
     max_queued_requests: int | None = _arg(
         None, "waiting sequences before new requests get 503 + Retry-After. Default: "
-        "unbounded", group="scheduler", parse=_int)
+        "unbounded", group="scheduler", parse=_int, metavar="N")
     num_scheduler_steps: int | None = _arg(
         None, "decode steps per scheduling round while every running request only decodes "
         "(host work once per round; streams get up to this many tokens per chunk). Default: "
-        "8 on CUDA, 1 on CPU", group="scheduler", parse=_int)
+        "8 on CUDA, 1 on CPU", group="scheduler", parse=_int, metavar="N")
     async_scheduling: bool = _arg(
         True, "", group="scheduler",
         negative="turn off async scheduling (planning step N+1 while the device runs step "
@@ -176,14 +179,14 @@ class ServerArgs:
         None, "name(s) clients use in 'model'; the first is reported in responses. Default: "
         "the checkpoint directory's name", group="model", metavar="NAME", nargs="+")
     host: str = _arg("127.0.0.1", "address to listen on", group="server")
-    port: int = _arg(8000, "port (0: any free port)", group="server", parse=_int)
+    port: int = _arg(8000, "port (0: any free port)", group="server", parse=_int,
+                     metavar="PORT")
     api_key: str | None = _arg(
         None, f"require 'Authorization: Bearer KEY' on every path but /health, /metrics and "
         f"/version. Default: ${API_KEY_ENV} if set, else no key", group="server",
         metavar="KEY")
-    max_request_body_bytes: int = _arg(16 * 2**20, "larger request bodies get 413 (e.g. "
-                                       "16MiB)", group="server", parse=parse_size,
-                                       metavar="SIZE")
+    max_request_body_bytes: int = _arg(16 * 2**20, "larger request bodies get 413",
+                                       group="server", parse=parse_size, metavar="SIZE")
     graceful_shutdown_timeout: float = _arg(
         30.0, "on SIGTERM/SIGINT, stop accepting and let in-flight requests finish for this "
         "long", group="server", parse=_float, metavar="SECONDS")
@@ -192,7 +195,7 @@ class ServerArgs:
     api_server_count: int = _arg(
         1, "API processes serving the port in front of the one engine core (HTTP, "
         "tokenization and streaming spread over CPU cores; each its own event loop)",
-        group="server", parse=_int)
+        group="server", parse=_int, metavar="N")
 
     def validate(self) -> None:
         if not 1 <= self.api_server_count <= 64:
@@ -225,7 +228,8 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         d = action.default
-        if (action.option_strings and d not in (None, False, argparse.SUPPRESS)
+        if (action.option_strings and d is not None and d is not False
+                and d != argparse.SUPPRESS
                 and not isinstance(action, argparse._StoreFalseAction)
                 and "default" not in text.lower()):
             text += f" (default: {_show(d)})"

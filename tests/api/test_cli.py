@@ -46,6 +46,27 @@ def test_help_documents_every_flag():
         assert flag in r.stdout, flag
 
 
+def test_help_reads_cleanly():
+    """Generated from EngineArgs and ServerArgs: one flag per field; each default stated
+    once; a --no- flag says what it turns off; no word or flag broken at a line's end."""
+    import dataclasses
+
+    from tpaserve.args import EngineArgs, ServerArgs
+    text = run_cli("--help").stdout
+    fields = [f.name for cls in (EngineArgs, ServerArgs) for f in dataclasses.fields(cls)]
+    parser = cli.build_parser()
+    assert sorted(a.dest for a in parser._actions if a.dest != "help") == sorted(fields)
+    for action in parser._actions:
+        helptext = parser.formatter_class("tpaserve")._get_help_string(action)
+        assert helptext.lower().count("default") <= 1, helptext
+        for flag in action.option_strings:
+            if flag.startswith("--no-"):
+                assert action.help.startswith("turn off "), action.help
+    for line in text.splitlines():
+        assert not line.rstrip().endswith("-") or line.strip().startswith("-"), line
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--port", "http"], "--port"), (["--cache-memory", "4XB"], "4XB"),
     (["--gpu-memory-utilization", "1.5"], "(0, 1]"), (["--dtype", "int8"], "int8"),

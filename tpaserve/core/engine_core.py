@@ -55,6 +55,11 @@ logger = logging.getLogger("tpaserve.engine")
 MAX_CONSECUTIVE_FAILURES = 3
 # Decode steps per scheduling round on CUDA (see Scheduler): the host work of a step is
 # paid once per round instead of once per token; a new request waits at most one round.
+# Measured with async scheduling on the H200 (docs/benchmarks.md, served, 2026-12-03):
+# T6-medium at c=256 makes 53.6K tok/s with rounds of 4 (TTFT p50 179 ms) and 50.9K with
+# rounds of 8 (232 ms), but a host-bound small model loses a third with 4 (t6-demo at c=256:
+# 93K vs 129K) and a single stream's TPOT goes from 0.99 to 1.01 ms. 8 by default;
+# --num-scheduler-steps 4 for a large model at high concurrency that wants its TTFT low.
 DEFAULT_CUDA_SCHEDULER_STEPS = 8
 
 
