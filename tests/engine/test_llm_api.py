@@ -99,3 +99,17 @@ def test_text_prompts_with_a_tokenizer(spm_tokenizer):
     (single,) = llm.generate("hello world", sp)
     assert single.outputs[0].token_ids == outs[0].outputs[0].token_ids
     assert_drained(llm)
+
+
+def test_llm_with_no_model_serves_the_bundled_demo_as_the_cli_does():
+    """`tpaserve.LLM()` loads the demo model the CLI serves by default, with its tokenizer,
+    and takes the CLI's engine flags as keywords (unknown ones are a TypeError naming them)."""
+    import tpaserve
+    llm = tpaserve.LLM(device="cpu", num_blocks=64)
+    out = llm.generate("It is a truth universally acknowledged",
+                       SamplingParams(temperature=0, max_tokens=8))[0]
+    assert out.finished and len(out.outputs[0].token_ids) == 8 and out.outputs[0].text
+    assert llm.engine.info.max_model_len == 512 and llm.tokenizer.vocab_size == 8192
+    with pytest.raises(TypeError, match="max_num_seq"):
+        tpaserve.LLM(device="cpu", max_num_seq=3)
+    assert_drained(llm)
