@@ -464,6 +464,22 @@ def test_a_block_is_cached_only_once_its_tokens_are_computed(pipelined):
     drain_and_check(s)
 
 
+def test_an_id_reused_while_its_old_step_is_in_flight_gets_none_of_its_tokens():
+    """Abort "x" and add another "x" before the step that scheduled the old one is updated
+    (async scheduling): the old step's samples must not land on the new request."""
+    s, bm = make(num_blocks=32, block_size=4)
+    runner, pending = CacheModel(s), []
+    s.add_request(req("x", [1, 2, 3], max_tokens=6))
+    drive(s, runner, True, pending)                  # the old x's first step is in flight
+    s.finish("x", RequestStatus.FINISHED_ABORTED)
+    new = req("x", [9, 8, 7, 6, 5], max_tokens=4)
+    s.add_request(new)
+    while s.has_unfinished() or pending:
+        drive(s, runner, True, pending)
+    assert new.output_token_ids == reference_output([9, 8, 7, 6, 5], 4)
+    drain_and_check(s)
+
+
 # ---- property test: a fake runner with a checkable cache -----------------------------------------
 
 V = 23

@@ -146,3 +146,51 @@ def test_sigterm_drains_every_process(start_server, expect):
     assert s.proc.wait(timeout=30) == 0
     wait_gone([*pids, core], 10)
     assert "engine stopped" in s.log.read_text()
+
+
+def test_refusals_reach_the_process_that_sent_the_request(start_server):
+    """The core refuses with 503 queue_full: the refusal must go back to whichever API
+    process sent the request, not to process 0 (a request would hang there)."""
+    s = start_server("--api-server-count", "2", "--max-num-seqs", "1",
+                     "--max-queued-requests", "1", env=SLOW)
+
+    async def load():
+        async with client(s) as h:
+            return await asyncio.wait_for(asyncio.gather(*(
+                request(h, "/v1/completions", dict(SHORT, max_tokens=40, stream=i % 2 == 0))
+                for i in range(12))), 60)
+
+    results = asyncio.run(load())
+    assert {r.status for r in results} <= {200, 503}, results
+    assert any(r.status == 503 for r in results) and any(r.status == 200 for r in results)
+    for r in results:
+        if r.status == 503:
+            assert r.error["code"] == "queue_full", r
+
+
+def test_ctrl_c_to_the_process_group_drains_every_process(start_server, expect):
+    """Ctrl-C reaches every process of the group: the API processes leave it to the main
+    process, which asks each to drain once (a second signal would cut their streams)."""
+    s = start_server(*FLAGS, "--graceful-shutdown-timeout", "20", env=SLOW)
+    pids, core = api_pids(s), core_pid(s)
+    body = dict(SHORT, max_tokens=60)
+    want = expect(body["prompt"], body["max_tokens"])
+
+    async def scenario():
+        async with client(s) as h:
+            tasks = [asyncio.create_task(request(h, "/v1/completions",
+                                                 dict(body, stream=True)))
+                     for _ in range(6)]
+            end = time.monotonic() + 20
+            while metric(await asyncio.to_thread(metrics, s.url),
+                         "tpaserve:num_requests_running") < 6:
+                assert time.monotonic() < end
+                await asyncio.sleep(0.02)
+            os.killpg(os.getpgid(s.proc.pid), signal.SIGINT)
+            return await asyncio.gather(*tasks)
+
+    for r in asyncio.run(scenario()):
+        assert r.status == 200 and r.done and r.error is None, r
+        assert r.texts == {0: want.text}
+    assert s.proc.wait(timeout=30) == 0
+    wait_gone([*pids, core], 10)

@@ -80,9 +80,10 @@ def test_a_killed_core_fails_every_request_and_the_server_exits(start_server):
             await wait_for(s.url, "tpaserve:num_requests_waiting", 2)
             before = (await h.get("/health")).status_code
             health, stop = [], asyncio.Event()
+            poller = asyncio.create_task(poll_health(s.url, health, stop))
+            await asyncio.sleep(0.1)
             os.kill(pid, signal.SIGKILL)
             start = time.monotonic()
-            poller = asyncio.create_task(poll_health(s.url, health, stop))
             results = await asyncio.wait_for(asyncio.gather(*running, *waiting), 20)
             seconds = time.monotonic() - start
             await asyncio.sleep(0.2)
@@ -98,11 +99,14 @@ def test_a_killed_core_fails_every_request_and_the_server_exits(start_server):
     for r in (whole, chat, short):
         assert r.status == 503 and r.error["code"] == "engine_dead", r
         assert r.error["type"] == "service_unavailable_error"
-    # the kernel takes a moment to tear a killed process down; once the server has seen it
-    # gone, /health is 503 for good, and that is soon
+    # /health answered 200 before; the kernel takes a moment to tear a killed process down,
+    # and once the server has seen it gone /health is 503 for good (or the server has
+    # stopped listening: it is exiting), within a second
+    assert any(code == 200 and t < killed for t, code in health), health
+    assert not any(code == 200 and t > killed + 1.0 for t, code in health), health
     first_503 = next((t for t, code in health if code == 503), None)
-    assert first_503 is not None and first_503 - killed < 1.0, health
-    assert all(code == 503 for t, code in health if t >= first_503), health
+    if first_503 is not None:
+        assert all(code == 503 for t, code in health if t >= first_503), health
     exit_s = time.monotonic()
     assert s.proc.wait(timeout=15) == 1
     assert time.monotonic() - exit_s < 10

@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     server.run(sockets=[sock])
     if server.exit_code:
         sys.exit(server.exit_code)
+    if not server.started:                # the app's start-up failed (uvicorn logged why)
+        sys.exit(EXIT_ENGINE_DIED)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 
 import uvicorn
 from fastapi import FastAPI
@@ -18,9 +19,13 @@ class DrainingServer(uvicorn.Server):
     stops the engine core. A second signal of either kind exits at once (uvicorn
     alone forces only on a second SIGINT)."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI, llm=None):
+    def __init__(self, config: uvicorn.Config, app: FastAPI, llm=None,
+                 ignore_sigint: bool = False):
+        """ignore_sigint: one of several API processes, whose main process turns a Ctrl-C
+        (which reaches the whole process group) into one SIGTERM for each of them."""
         super().__init__(config)
         self.app_state, self.llm = app.state, llm
+        self.ignore_sigint = ignore_sigint
         self.exit_code = 0
 
     async def shutdown(self, sockets=None) -> None:
@@ -32,6 +37,8 @@ class DrainingServer(uvicorn.Server):
             logger.info("engine stopped")
 
     def handle_exit(self, sig, frame) -> None:
+        if self.ignore_sigint and sig == signal.SIGINT:
+            return
         if self.should_exit:
             self.force_exit = True
         else:

@@ -124,10 +124,10 @@ def run_api_worker(index: int, engine_args, server_args, names: list[str], model
     uv_config = uvicorn.Config(app, log_level=server_args.log_level, lifespan="on",
                                timeout_graceful_shutdown=server_args.graceful_shutdown_timeout,
                                log_config=None)
-    server = DrainingServer(uv_config, app, llm)
+    server = DrainingServer(uv_config, app, llm, ignore_sigint=True)
     app.state.on_engine_dead = server.engine_died
     server.run(sockets=[sock])
-    sys.exit(server.exit_code)
+    sys.exit(server.exit_code or (0 if server.started else 1))
 
 
 def _exit_with_parent(sentinel: int) -> None:

@@ -91,9 +91,16 @@ def run_engine_core(config: EngineConfig, addresses: CoreAddresses, conn,
         conn.send_bytes(enc.encode(CoreFailed(f"{type(exc).__name__}: {one_line(exc)}",
                                               user_error=False)))
         sys.exit(1)
+    try:
+        loop = CoreLoop(core, addresses, conn)        # sockets open before we say ready
+    except Exception as exc:                          # noqa: BLE001 - reported, then exit
+        logger.exception("the engine core could not open its sockets")
+        conn.send_bytes(enc.encode(CoreFailed(
+            f"the engine core could not open its sockets: {one_line(exc)}", user_error=False)))
+        sys.exit(1)
     logger.info("engine core ready (pid %d)", os.getpid())
     conn.send_bytes(enc.encode(CoreReady(core.info)))
-    sys.exit(CoreLoop(core, addresses, conn).run())
+    sys.exit(loop.run())
 
 
 class CoreLoop:
@@ -102,14 +109,24 @@ class CoreLoop:
         self.inputs: queue.SimpleQueue = queue.SimpleQueue()
         self.outputs: queue.SimpleQueue = queue.SimpleQueue()
         self.ctx = zmq.Context()
+        # sockets are made here, then each is used by one thread only
+        inp = self.ctx.socket(zmq.PULL)
+        inp.setsockopt(zmq.RCVHWM, 0)
+        inp.bind(addresses.input)
+        outs = []
+        for addr in addresses.outputs:
+            s = self.ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.SNDHWM, 0)
+            s.setsockopt(zmq.LINGER, 2000)
+            s.connect(addr)
+            outs.append(s)
         threading.Thread(target=self._watch_parent, args=(conn,), daemon=True,
                          name="tpaserve-core-watch").start()
-        self._input_ready = threading.Event()
-        threading.Thread(target=self._input_thread, daemon=True, name="tpaserve-core-in").start()
-        self._out_thread = threading.Thread(target=self._output_thread, daemon=True,
-                                            name="tpaserve-core-out")
+        threading.Thread(target=self._input_thread, args=(inp,), daemon=True,
+                         name="tpaserve-core-in").start()
+        self._out_thread = threading.Thread(target=self._output_thread, args=(outs,),
+                                            daemon=True, name="tpaserve-core-out")
         self._out_thread.start()
-        self._input_ready.wait()
 
     # ---- threads ---------------------------------------------------------------------------
     @staticmethod
@@ -122,39 +139,36 @@ class CoreLoop:
         logger.error("the API process went away: the engine core exits")
         os._exit(1)
 
-    def _input_thread(self) -> None:
-        sock = self.ctx.socket(zmq.PULL)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.bind(self.addresses.input)
-        self._input_ready.set()
+    def _input_thread(self, sock) -> None:
         dec = msgspec.msgpack.Decoder(CoreInput)
-        while True:
-            frame = sock.recv(copy=False)
-            try:
-                self.inputs.put(dec.decode(frame.buffer))
-            except msgspec.DecodeError:
-                # the frontends only send what they validated; never let one message stop
-                # the loop (its sender times out on its own)
-                logger.exception("undecodable message on the engine core's input")
+        try:
+            while True:
+                frame = sock.recv(copy=False)
+                try:
+                    self.inputs.put(dec.decode(frame.buffer))
+                except msgspec.DecodeError:
+                    # the frontends only send what they validated; never let one message
+                    # stop the loop
+                    logger.exception("undecodable message on the engine core's input")
+        except Exception:                              # noqa: BLE001 - the core must not go deaf
+            logger.exception("the engine core's input thread died: the core exits")
+            os._exit(1)
 
-    def _output_thread(self) -> None:
-        socks = []
-        for addr in self.addresses.outputs:
-            s = self.ctx.socket(zmq.PUSH)
-            s.setsockopt(zmq.SNDHWM, 0)
-            s.setsockopt(zmq.LINGER, 2000)
-            s.connect(addr)
-            socks.append(s)
+    def _output_thread(self, socks: list) -> None:
         enc = msgspec.msgpack.Encoder()
-        while True:
-            item = self.outputs.get()
-            if item is None:
-                break
-            client, msg = item
-            targets = socks if client is None else [socks[client]]
-            buf = enc.encode(msg)
-            for s in targets:
-                s.send(buf, copy=False)
+        try:
+            while True:
+                item = self.outputs.get()
+                if item is None:
+                    break
+                client, msg = item
+                targets = socks if client is None else [socks[client]]
+                buf = enc.encode(msg)
+                for s in targets:
+                    s.send(buf, copy=False)
+        except Exception:                              # noqa: BLE001 - the core must not go mute
+            logger.exception("the engine core's output thread died: the core exits")
+            os._exit(1)
         for s in socks:
             s.close()
 
@@ -182,8 +196,8 @@ class CoreLoop:
         while True:
             if isinstance(msg, AddRequests):
                 refused = core.add_requests(msg.requests)
-                if refused:
-                    self._send(core.route(refused))
+                if refused:        # to its sender: the refused ids were never routed
+                    self._send({msg.requests[0].client_index: refused})
             elif isinstance(msg, Abort):
                 core.abort(msg.request_ids)
             elif isinstance(msg, Shutdown):

@@ -53,6 +53,9 @@ class ScheduledRequest:
     prompt_logprobs_from: int | None = None
     # a copy of the outputs so far, for penalties and min_tokens; None when no knob needs it
     output_token_ids: list[int] | None = None
+    # the scheduler's admission number of this request id (update() ignores results for an
+    # id that was finished and admitted again while the step ran)
+    serial: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -71,6 +71,11 @@ class Request:
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     first_scheduled_time: float | None = None
+    # which admission of this id (a client may reuse an id once the old request ended,
+    # while a step that scheduled the old one is still in flight)
+    serial: int = 0
+    # positions a *finished* step computed (num_computed_tokens counts scheduled ones)
+    num_confirmed_tokens: int = 0
     # sha256 chain of every full block of token_ids (BlockManager.hash_blocks extends it as
     # tokens append); a block enters the prefix cache once its tokens are computed
     block_hashes: list[bytes] = field(default_factory=list)

@@ -104,6 +104,7 @@ class Scheduler:
         # what the runner holds: requests it has seen, and how many blocks of each table
         self._runner_knows: set[str] = set()
         self._blocks_sent: dict[str, int] = {}
+        self._serial = 0
 
     # ---- admission -----------------------------------------------------------------------
     def add_requests(self, reqs: list[Request]) -> None:
@@ -125,6 +126,8 @@ class Scheduler:
                 raise QueueFull(f"the queue is full ({len(self.waiting)} sequences waiting, "
                                 f"bound {cap}); retry later")
         for req in reqs:
+            self._serial += 1
+            req.serial = self._serial
             self.blocks.hash_blocks(req)
             self.requests[req.request_id] = req
             self._enqueue(req)
@@ -210,7 +213,7 @@ class Scheduler:
                 req.num_cached_tokens = n_computed
                 if looked_up:
                     self.blocks.record_prefix_lookup(req.num_prompt_tokens, n_computed)
-            req.num_computed_tokens = n_computed
+            req.num_computed_tokens = req.num_confirmed_tokens = n_computed
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
@@ -278,9 +281,10 @@ class Scheduler:
             sib = self.requests.get(req.fork_of)
             if sib is not None and sib.status == RequestStatus.RUNNING:
                 full = min(limit, req.num_prompt_tokens) // bs
-                if sib.num_computed_tokens < full * bs:
-                    return None, 0, False         # sibling's prompt not scheduled yet: wait
-                # scheduled is enough: a step that reads them runs after the one writing them
+                if sib.num_confirmed_tokens < full * bs:
+                    return None, 0, False         # sibling's prompt not computed yet: wait
+                # computed by a finished step: a failed step in flight cannot have left them
+                # half-written
                 blocks = self.blocks.table(sib.request_id)[:full]
                 return blocks, full * bs, False
             # Sibling finished or waiting. Do not wait for a waiting one: when both were
@@ -296,7 +300,7 @@ class Scheduler:
         self.blocks.free_request(req.request_id)
         self._blocks_sent.pop(req.request_id, None)
         req.status = RequestStatus.PREEMPTED
-        req.num_computed_tokens = 0
+        req.num_computed_tokens = req.num_confirmed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
         self._enqueue(req, front=True)
@@ -331,7 +335,8 @@ class Scheduler:
             new_block_ids=list(table) if sent is None else table[sent:],
             reset_blocks=sent is None, sample=sample, num_steps=num_steps,
             prompt_logprobs_from=plp,
-            output_token_ids=req.output_token_ids if sample and _needs_history(req) else None)
+            output_token_ids=req.output_token_ids if sample and _needs_history(req) else None,
+            serial=req.serial)
 
     # ---- results -------------------------------------------------------------------------
     def update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[EngineCoreOutput]:
@@ -341,7 +346,7 @@ class Scheduler:
         for s in sched.requests:
             rid = s.request_id
             req = self.requests.get(rid)
-            if req is None:                        # finished while the step ran
+            if req is None or req.serial != s.serial:     # finished while the step ran
                 continue
             new: list[int] = []
             status = None
@@ -353,8 +358,9 @@ class Scheduler:
             elif req.max_tokens == 0 and s.start_pos + s.num_tokens >= req.num_prompt_tokens:
                 status = RequestStatus.FINISHED_LENGTH
             if req.status == RequestStatus.RUNNING:
-                self.blocks.register(rid, req.block_hashes, min(
-                    s.start_pos + s.num_tokens + s.num_steps - 1, req.num_tokens))
+                req.num_confirmed_tokens = min(s.start_pos + s.num_tokens + s.num_steps - 1,
+                                               req.num_tokens)
+                self.blocks.register(rid, req.block_hashes, req.num_confirmed_tokens)
             plp = result.prompt_logprobs.get(rid)
             if not new and plp is None and status is None:
                 continue

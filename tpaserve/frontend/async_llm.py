@@ -123,11 +123,18 @@ class AsyncLLM:
         check_request(prompt_token_ids, params, vocab_size=info.vocab_size,
                       max_model_len=info.max_model_len, num_blocks=info.num_blocks,
                       block_size=info.block_size)
+        if self._client is None:
+            raise EngineDeadError("the engine is not connected")
         reqs = self.processor.add_request(request_id, prompt_token_ids, params,
                                           time.monotonic(), priority, self.client_index)
+        try:
+            self._client.add(reqs)
+        except BaseException:
+            self.processor.fail_request(request_id)
+            raise
+        # registered after the send: no output can arrive before it (no await in between)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
-        self._client.add(reqs)
         finished = False
         try:
             while True:

@@ -12,10 +12,10 @@ never blocks the event loop. Outputs are awaited on an asyncio socket.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import os
-import tempfile
 import uuid
 
 import msgspec
@@ -90,18 +90,27 @@ class CoreProcess:
 
     def __init__(self, config: EngineConfig, num_clients: int = 1, log_level: str = "info"):
         from tpaserve.core.process import CoreAddresses, run_engine_core  # torch-free
-        base = os.path.join(tempfile.gettempdir(), f"tpaserve-{uuid.uuid4().hex[:12]}")
-        self.addresses = CoreAddresses(input=f"ipc://{base}-in",
-                                       outputs=[f"ipc://{base}-out{i}" for i in range(num_clients)])
+        # Linux's abstract socket namespace: no file to leave behind, no path-length limit
+        base = f"ipc://@tpaserve-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.addresses = CoreAddresses(input=f"{base}-in",
+                                       outputs=[f"{base}-out{i}" for i in range(num_clients)])
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe(duplex=True)
-        # daemon: if this process exits normally without stopping it, multiprocessing
-        # terminates it; if this process is killed, the pipe's end of file stops it
-        self.proc = ctx.Process(target=run_engine_core, name="tpaserve-core", daemon=True,
+        # if this process is killed, the pipe's end of file stops the core; if it exits any
+        # other way without stopping the core (a failed start-up, an exception), the atexit
+        # hook does (before multiprocessing's own, which would wait for it forever: the core
+        # ignores SIGTERM)
+        self.proc = ctx.Process(target=run_engine_core, name="tpaserve-core",
                                 args=(config, self.addresses, child, log_level))
         self.proc.start()
         child.close()
         self.info: EngineInfo | None = None
+        atexit.register(self._stop_at_exit)
+
+    def _stop_at_exit(self) -> None:
+        if self.proc.is_alive():
+            AsyncMPClient.send_shutdown(self.addresses)
+            self.stop(5.0)
 
     @property
     def pid(self) -> int | None:
@@ -150,11 +159,6 @@ class CoreProcess:
         self.proc.join(timeout)
         self.kill()
         self._conn.close()
-        for addr in [self.addresses.input, *self.addresses.outputs]:
-            try:
-                os.unlink(addr.removeprefix("ipc://"))
-            except OSError:
-                pass
 
     def kill(self) -> None:
         if self.proc.is_alive():
