@@ -124,29 +124,7 @@ def test_killing_the_main_process_leaves_nothing_behind(start_server):
 
 def test_sigterm_drains_every_process(start_server, expect):
     s = start_server(*FLAGS, "--graceful-shutdown-timeout", "20", env=SLOW)
-    pids, core = api_pids(s), core_pid(s)
-    body = dict(SHORT, max_tokens=60)
-    want = expect(body["prompt"], body["max_tokens"])
-
-    async def scenario():
-        async with client(s) as h:
-            tasks = [asyncio.create_task(request(h, "/v1/completions",
-                                                 dict(body, stream=True)))
-                     for _ in range(4)]
-            end = time.monotonic() + 20
-            while metric(await asyncio.to_thread(metrics, s.url),
-                         "tpaserve:num_requests_running") < 4:
-                assert time.monotonic() < end
-                await asyncio.sleep(0.02)
-            s.proc.send_signal(signal.SIGTERM)
-            return await asyncio.gather(*tasks)
-
-    for r in asyncio.run(scenario()):
-        assert r.status == 200 and r.error is None and r.texts == {0: want.text}, r
-    assert s.proc.wait(timeout=30) == 0
-    wait_gone([*pids, core], 10)
-    assert "engine stopped" in s.log.read_text()
-
+    drain_under_load(s, expect, 4, lambda: s.proc.send_signal(signal.SIGTERM))
 
 def test_refusals_reach_the_process_that_sent_the_request(start_server):
     """The core refuses with 503 queue_full: the refusal must go back to whichever API
@@ -172,21 +150,26 @@ def test_ctrl_c_to_the_process_group_drains_every_process(start_server, expect):
     """Ctrl-C reaches every process of the group: the API processes leave it to the main
     process, which asks each to drain once (a second signal would cut their streams)."""
     s = start_server(*FLAGS, "--graceful-shutdown-timeout", "20", env=SLOW)
+    drain_under_load(s, expect, 6, lambda: os.killpg(os.getpgid(s.proc.pid), signal.SIGINT))
+
+
+def drain_under_load(s, expect, n: int, stop) -> None:
+    """n streams running, then stop() (a signal): each finishes whole with the reference
+    text, the server exits 0, and none of its processes is left."""
     pids, core = api_pids(s), core_pid(s)
     body = dict(SHORT, max_tokens=60)
     want = expect(body["prompt"], body["max_tokens"])
 
     async def scenario():
         async with client(s) as h:
-            tasks = [asyncio.create_task(request(h, "/v1/completions",
-                                                 dict(body, stream=True)))
-                     for _ in range(6)]
+            tasks = [asyncio.create_task(request(h, "/v1/completions", dict(body, stream=True)))
+                     for _ in range(n)]
             end = time.monotonic() + 20
             while metric(await asyncio.to_thread(metrics, s.url),
-                         "tpaserve:num_requests_running") < 6:
+                         "tpaserve:num_requests_running") < n:
                 assert time.monotonic() < end
                 await asyncio.sleep(0.02)
-            os.killpg(os.getpgid(s.proc.pid), signal.SIGINT)
+            stop()
             return await asyncio.gather(*tasks)
 
     for r in asyncio.run(scenario()):
