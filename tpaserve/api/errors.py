@@ -183,8 +183,13 @@ class OpenAIRoute(APIRoute):
 
         async def handle(request: Request) -> Response:
             try:
-                if request.method in _BODY_METHODS:
-                    check_depth(await request.body())     # before anything recurses into it
+                if request.method in _BODY_METHODS and await request.body():
+                    try:
+                        value = await request.json()      # cached: FastAPI parses it no more
+                    except (ValueError, RecursionError):
+                        pass                              # FastAPI's parse says why: a 400
+                    else:
+                        check_depth(value)                # before anything recurses into it
                 return await handler(request)
             except Exception as exc:                 # noqa: BLE001 - rendered, 500s logged
                 return to_api_error(exc).response()
