@@ -2,8 +2,8 @@
 ready (AsyncLLM.wait_ready).
 
 Request path, outside in: HTTP metrics (every response, by route template and status) ->
-API-key check (everything but /health, /metrics, /version) -> body-size limit -> FastAPI
-routing -> endpoint (OpenAIRoute renders every error). The AsyncLLM connects to its core
+API-key check (everything but /health, /metrics, /version, /dashboard) -> body-size limit ->
+FastAPI routing -> endpoint (OpenAIRoute renders every error). The AsyncLLM connects to its core
 in the lifespan (it needs the running event loop) and stops the core after uvicorn has
 drained the in-flight requests, it disconnects; the AsyncLLM's owner (the CLI) stops the
 core after that. If the core dies, `app.state.on_engine_dead` (set by the CLI's server) is
@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import tpaserve
-from tpaserve.api import chat, completions, misc, tokenize
+from tpaserve.api import chat, completions, dashboard, misc, tokenize
 from tpaserve.api.engine_client import EngineClient
 from tpaserve.api.errors import APIError, install
 from tpaserve.frontend.async_llm import AsyncLLM
@@ -30,12 +30,14 @@ from tpaserve.frontend.metrics import HTTP_REQUESTS, EngineMetrics
 logger = logging.getLogger("tpaserve.api")
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 2**20
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+# the status page is open like /metrics, whose numbers it shows (a 404 if disabled)
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version"}) | dashboard.PATHS
 
 
 def build_app(llm: AsyncLLM, model_names: list[str] | str = "t6", *,
               model_root: str | None = None, api_key: str | None = None,
-              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> FastAPI:
+              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+              enable_dashboard: bool = True) -> FastAPI:
     names = [model_names] if isinstance(model_names, str) else list(model_names)
     if not names:
         raise ValueError("model_names must name at least one model")
@@ -57,6 +59,8 @@ def build_app(llm: AsyncLLM, model_names: list[str] | str = "t6", *,
     app = FastAPI(title="tpaserve", version=tpaserve.__version__, lifespan=lifespan)
     app.state.client = EngineClient(llm, names, model_root)      # 503s until the lifespan
     routers = [completions.router, chat.router, misc.router, tokenize.router]
+    if enable_dashboard:
+        routers.append(dashboard.router)
     for router in routers:
         app.include_router(router)
     install(app)
