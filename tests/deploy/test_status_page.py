@@ -19,8 +19,14 @@ import httpx
 import pytest
 
 from tests.api.conftest import launch, stop
-from tests.deploy.browser import (LAPTOP, PHONE, chrome, full_page_screenshot, set_viewport,
-                                  wait_until)
+from tests.deploy.browser import (
+    LAPTOP,
+    PHONE,
+    chrome,
+    full_page_screenshot,
+    set_viewport,
+    wait_until,
+)
 from tests.deploy.conftest import REPO, delta, scrape, value
 from tests.deploy.test_dashboards import NAME, defined_sample_names
 from tests.reliability.common import core_pid
@@ -150,7 +156,9 @@ def test_page_shows_what_metrics_shows(tmp_path):
 
 def check_numbers(driver, before: dict, after: dict) -> None:
     """What the page shows against one /metrics scrape (`after`); `before`: the page's first."""
-    m = lambda name: value(after, f"tpaserve:{name}")  # noqa: E731
+    def m(name: str) -> float:
+        return value(after, f"tpaserve:{name}")
+
     assert m("factor_cache_blocks_used") > 0 and m("num_requests_running") > 0
     for element_id, name in [
             ("cache-blocks-used", "factor_cache_blocks_used"),
