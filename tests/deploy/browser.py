@@ -26,9 +26,8 @@ def chrome(size: tuple[int, int] = LAPTOP):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    # the Debian binaries, named: selenium must not look for (or download) a browser of its own
-    os.environ.setdefault("SE_OFFLINE", "true")
     options = webdriver.ChromeOptions()
+    # both Debian binaries named: selenium then looks up (or downloads) nothing of its own
     options.binary_location = CHROMIUM
     # --no-sandbox: Chromium refuses to run as root with its sandbox (CI runs as root)
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",

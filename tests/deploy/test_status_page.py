@@ -90,13 +90,20 @@ def drive(server, stop_event: threading.Event, errors: list) -> None:
         i += 1
 
 
-def test_page_shows_what_metrics_shows(tmp_path):
+@pytest.fixture
+def driver():
+    """A laptop-sized headless Chromium (skips, or fails as root, before any server starts)."""
+    d = chrome(LAPTOP)
+    yield d
+    d.quit()
+
+
+def test_page_shows_what_metrics_shows(driver, tmp_path):
     # the bundled demo model, as `make serve` serves it (the README's picture), with a cache
     # small enough to show its use; prefix caching on (the default) for a hit rate
     server = launch(DEMO_DIR, tmp_path / "tpaserve.log", "--served-model-name", DEMO_NAME,
                     "--num-blocks", "64", api_key=None)
     url = server.url
-    driver = chrome(LAPTOP)
     stop_event, errors = threading.Event(), []
     threads = [threading.Thread(target=drive, args=(server, stop_event, errors))
                for _ in range(4)]
@@ -150,7 +157,6 @@ def test_page_shows_what_metrics_shows(tmp_path):
         assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     finally:
         stop_event.set()
-        driver.quit()
         stop(server)
 
 
@@ -194,9 +200,8 @@ def check_numbers(driver, before: dict, after: dict) -> None:
     assert number(driver, "uptime") == pytest.approx(uptime, abs=5)
 
 
-def test_page_says_when_the_server_is_unreachable(checkpoint, tmp_path):
+def test_page_says_when_the_server_is_unreachable(driver, checkpoint, tmp_path):
     server = launch(checkpoint, tmp_path / "tpaserve.log", api_key=None)
-    driver = chrome(LAPTOP)
     try:
         driver.get(f"{server.url}/dashboard")
         wait_until(driver, "document.body.dataset.state === 'live'", what="the first scrape")
@@ -210,7 +215,6 @@ def test_page_says_when_the_server_is_unreachable(checkpoint, tmp_path):
         assert shown(driver, "gen-total") == gen_total      # the last numbers stay, dimmed
         full_page_screenshot(driver, tmp_path / "dashboard-unreachable.png", LAPTOP[0])
     finally:
-        driver.quit()
         stop(server)
 
 

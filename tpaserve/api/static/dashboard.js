@@ -191,11 +191,11 @@ function render(s, serverNow, now) {
   const hitRate = queries > 0 ? (s.prefixHits - base.prefixHits) / queries : NaN;
   show("prefix-hit-rate", hitRate, !s.prefixCaching ? "off" :
     Number.isNaN(hitRate) ? "no lookups" : percent(hitRate));
-  for (const [id, hist] of [["ttft", "ttft"], ["itl", "itl"]]) {
+  for (const hist of ["ttft", "itl"]) {
     const window = minus(s[hist], base[hist]);
     for (const q of [50, 95]) {
       const v = quantile(q / 100, window);
-      show(`${id}-p${q}`, v, seconds(v));
+      show(`${hist}-p${q}`, v, seconds(v));
     }
   }
   show("window", (now - history[0].t) / 1000,
