@@ -14,14 +14,12 @@ from fastapi import APIRouter
 from starlette.responses import Response
 
 router = APIRouter()
-
-# name served -> (package file, media type); read once, at import (they never change)
-_ASSETS = {"dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
-           "dashboard.css": ("dashboard.css", "text/css; charset=utf-8")}
 _STATIC = resources.files("tpaserve.api") / "static"
-_PAGE = (_STATIC / "dashboard.html").read_bytes()
-_BODIES = {name: (_STATIC / file).read_bytes() for name, (file, _) in _ASSETS.items()}
-PATHS = frozenset({"/dashboard", *(f"/dashboard/{name}" for name in _ASSETS)})
+# the page's own files, each at its own route (anything else under /dashboard/ is a 404, and
+# not open); name -> media type
+ASSETS = {"dashboard.js": "text/javascript; charset=utf-8",
+          "dashboard.css": "text/css; charset=utf-8"}
+PATHS = frozenset({"/dashboard", *(f"/dashboard/{name}" for name in ASSETS)})
 
 # Same origin only: no inline script or style, nothing fetched elsewhere, never framed.
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
@@ -30,13 +28,16 @@ _HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
             "Cache-Control": "no-cache"}
 
 
-@router.get("/dashboard", include_in_schema=False)
-async def page() -> Response:
-    return Response(_PAGE, media_type="text/html; charset=utf-8", headers=_HEADERS)
+def _serve(path: str, file: str, media_type: str) -> None:
+    body = (_STATIC / file).read_bytes()        # read once: package data never changes
+
+    async def endpoint() -> Response:
+        return Response(body, media_type=media_type, headers=_HEADERS)
+
+    router.add_api_route(path, endpoint, methods=["GET"], include_in_schema=False,
+                         name=f"dashboard:{file}")
 
 
-@router.get("/dashboard/{name}", include_in_schema=False)
-async def asset(name: str) -> Response:
-    if name not in _ASSETS:
-        return Response(status_code=404, headers=_HEADERS)
-    return Response(_BODIES[name], media_type=_ASSETS[name][1], headers=_HEADERS)
+_serve("/dashboard", "dashboard.html", "text/html; charset=utf-8")
+for _name, _type in ASSETS.items():
+    _serve(f"/dashboard/{_name}", _name, _type)
