@@ -188,8 +188,8 @@ class ServerArgs:
     port: int = _arg(8000, "port (0: any free port)", group="server", parse=_int,
                      metavar="PORT")
     api_key: str | None = _arg(
-        None, f"require 'Authorization: Bearer KEY' on every path but /health, /metrics and "
-        f"/version. Default: ${API_KEY_ENV} if set, else no key", group="server",
+        None, f"require 'Authorization: Bearer KEY' on every path but /health, /metrics, "
+        f"/version and /dashboard. Default: ${API_KEY_ENV} if set, else no key", group="server",
         metavar="KEY")
     max_request_body_bytes: int = _arg(16 * 2**20, "larger request bodies get 413",
                                        group="server", parse=parse_size, metavar="SIZE")
@@ -209,6 +209,8 @@ class ServerArgs:
         "long", group="server", parse=_float, metavar="SECONDS")
     log_level: str = _arg("info", "log level of tpaserve and uvicorn", group="server",
                           choices=["debug", "info", "warning", "error", "critical"])
+    disable_dashboard: bool = _arg(
+        False, "do not serve the live status page at /dashboard", group="server")
     api_server_count: int = _arg(
         1, "API processes serving the port in front of the one engine core (HTTP, "
         "tokenization and streaming spread over CPU cores; each its own event loop)",

@@ -88,3 +88,22 @@ def test_execute_never_waits_for_the_device():
         eng.step()
     assert any(k > 1 for k, _ in kinds) and any(t > 100 for _, t in kinds)
     assert eng.core.blocks.num_free == eng.core.blocks.num_blocks
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+def test_nonfinite_rows_are_marked_on_the_device(greedy):
+    """The sampler's NaN / +inf guard with CUDA's reductions (amax propagates NaN there too),
+    bf16 logits as the model gives them, a vocab that is not a power of two."""
+    from tpaserve.runner.sampler import NONFINITE, Sampler, SamplingRow
+    v = 32003
+    logits = torch.randn(8, v + 61, device="cuda", dtype=torch.bfloat16)
+    logits[1, 17] = float("nan")
+    logits[5, v - 1] = float("inf")
+    logits[6, :] = float("-inf")
+    logits[6, 3] = 0.0                      # masked everywhere but one token: fine
+    p = SamplingParams(temperature=0.0 if greedy else 0.9, top_p=0.95)
+    rows = [SamplingRow(p, [1, 2], [], None) for _ in range(8)]
+    out = Sampler(v, 2)(logits, rows).token_ids
+    assert out[1] == NONFINITE and out[5] == NONFINITE
+    assert out[6] == 3
+    assert all(0 <= t < v for i, t in enumerate(out) if i not in (1, 5))

@@ -2,8 +2,8 @@
 ready (AsyncLLM.wait_ready).
 
 Request path, outside in: HTTP metrics (every response, by route template and status) ->
-API-key check (everything but /health, /metrics, /version) -> body-size limit -> FastAPI
-routing -> endpoint (OpenAIRoute renders every error). The AsyncLLM connects to its core
+API-key check (everything but /health, /metrics, /version, /dashboard) -> body-size limit ->
+FastAPI routing -> endpoint (OpenAIRoute renders every error). The AsyncLLM connects to its core
 in the lifespan (it needs the running event loop) and stops the core after uvicorn has
 drained the in-flight requests, it disconnects; the AsyncLLM's owner (the CLI) stops the
 core after that. If the core dies, `app.state.on_engine_dead` (set by the CLI's server) is
@@ -22,22 +22,23 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import tpaserve
-from tpaserve.args import ServerArgs
-from tpaserve.api import chat, completions, misc, tokenize
+from tpaserve.api import chat, completions, dashboard, misc, tokenize
 from tpaserve.api.engine_client import EngineClient
 from tpaserve.api.errors import APIError, install
+from tpaserve.args import ServerArgs
 from tpaserve.frontend.async_llm import AsyncLLM
 from tpaserve.frontend.metrics import HTTP_REQUESTS, EngineMetrics
 
 logger = logging.getLogger("tpaserve.api")
 
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+# the status page is open like /metrics, whose numbers it shows (a 404 if disabled)
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version"}) | dashboard.PATHS
 
 
 def build_app(llm: AsyncLLM, model_names: list[str] | str = "t6",
               args: ServerArgs | None = None) -> FastAPI:
-    """The app over `llm`; `args`: the server's limits and key (ServerArgs' defaults if
-    None; host, port and the process flags are not read here)."""
+    """The app over `llm`; `args`: the server's limits, key and pages (ServerArgs' defaults
+    if None; host, port and the process flags are not read here)."""
     args = args or ServerArgs()
     names = [model_names] if isinstance(model_names, str) else list(model_names)
     if not names:
@@ -62,6 +63,8 @@ def build_app(llm: AsyncLLM, model_names: list[str] | str = "t6",
         llm, names, max_prompt_chars=args.max_prompt_chars,
         max_request_sequences=args.max_request_sequences)
     routers = [completions.router, chat.router, misc.router, tokenize.router]
+    if not args.disable_dashboard:
+        routers.append(dashboard.router)
     for router in routers:
         app.include_router(router)
     install(app)

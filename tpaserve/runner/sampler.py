@@ -184,7 +184,8 @@ class Sampler:
                 tokens = torch.where(meta.greedy, x.argmax(dim=-1), tokens)
         # NaN or +inf anywhere in a row makes its draw meaningless (softmax -> NaN, and
         # argmax picks a NaN): such a row gets NONFINITE, never a token. -inf is a mask.
-        broken = (x.isnan() | (x == float("inf"))).any(dim=-1)              # (B,)
+        # One pass: a row's max is NaN if it holds a NaN (max propagates it), inf if +inf.
+        broken = ~(x.amax(dim=-1) < float("inf"))                            # (B,)
         return tokens.masked_fill(broken, NONFINITE)
 
     def process(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
