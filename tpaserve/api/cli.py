@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     llm = AsyncLLM(config, tokenizer, core=core)
     app = build_app(llm, names, model_root=str(model_dir),
                     api_key=server_args.api_key,
-                    max_request_body_bytes=server_args.max_request_body_bytes)
+                    max_request_body_bytes=server_args.max_request_body_bytes,
+                    cors=server_args.cors())
     uv_config = uvicorn.Config(app, log_level=server_args.log_level, lifespan="on",
                                timeout_graceful_shutdown=server_args.graceful_shutdown_timeout,
                                log_config=None)

@@ -2,8 +2,8 @@
 ready (AsyncLLM.wait_ready).
 
 Request path, outside in: HTTP metrics (every response, by route template and status) ->
-API-key check (everything but /health, /metrics, /version) -> body-size limit -> FastAPI
-routing -> endpoint (OpenAIRoute renders every error). The AsyncLLM connects to its core
+CORS (only with --allowed-origins) -> API-key check (everything but OPEN_PATHS) -> body-size
+limit -> server load (/load) -> FastAPI routing -> endpoint (OpenAIRoute renders every error). The AsyncLLM connects to its core
 in the lifespan (it needs the running event loop) and stops the core after uvicorn has
 drained the in-flight requests, it disconnects; the AsyncLLM's owner (the CLI) stops the
 core after that. If the core dies, `app.state.on_engine_dead` (set by the CLI's server) is
@@ -16,6 +16,7 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 from starlette.datastructures import Headers
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,18 +25,21 @@ import tpaserve
 from tpaserve.api import chat, completions, misc, tokenize
 from tpaserve.api.engine_client import EngineClient
 from tpaserve.api.errors import APIError, install
+from tpaserve.api.server_load import ServerLoadMiddleware
 from tpaserve.frontend.async_llm import AsyncLLM
 from tpaserve.frontend.metrics import HTTP_REQUESTS, EngineMetrics
 
 logger = logging.getLogger("tpaserve.api")
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 2**20
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+OPEN_PATHS = frozenset({"/health", "/ping", "/load", "/metrics", "/version"})
 
 
 def build_app(llm: AsyncLLM, model_names: list[str] | str = "t6", *,
               model_root: str | None = None, api_key: str | None = None,
-              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> FastAPI:
+              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+              cors: dict | None = None) -> FastAPI:
+    """`cors`: CORSMiddleware's arguments (ServerArgs.cors()), None for no CORS headers."""
     names = [model_names] if isinstance(model_names, str) else list(model_names)
     if not names:
         raise ValueError("model_names must name at least one model")
@@ -60,12 +64,15 @@ def build_app(llm: AsyncLLM, model_names: list[str] | str = "t6", *,
     for router in routers:
         app.include_router(router)
     install(app)
+    app.add_middleware(ServerLoadMiddleware, state=app.state)
     # add_middleware puts each one outside the previous: the key is checked first, so an
     # unauthenticated client cannot make the server buffer a body
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_body_bytes)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
         _document_bearer_auth(app)
+    if cors:            # outside the key check: a browser's preflight carries no key
+        app.add_middleware(CORSMiddleware, **cors)
     # outermost: 401s and 413s are counted too
     app.add_middleware(HTTPMetricsMiddleware, model_name=names[0],
                        routes=[route for router in routers for route in router.routes])

@@ -120,7 +120,8 @@ def run_api_worker(index: int, engine_args, server_args, names: list[str], model
     llm = AsyncLLM(config, tokenizer, core=AttachedCore(addresses, core_pid, info),
                    client_index=index)
     app = build_app(llm, names, model_root=model_dir, api_key=server_args.api_key,
-                    max_request_body_bytes=server_args.max_request_body_bytes)
+                    max_request_body_bytes=server_args.max_request_body_bytes,
+                    cors=server_args.cors())
     uv_config = uvicorn.Config(app, log_level=server_args.log_level, lifespan="on",
                                timeout_graceful_shutdown=server_args.graceful_shutdown_timeout,
                                log_config=None)
