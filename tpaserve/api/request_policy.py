@@ -52,14 +52,15 @@ VLLM_UNSUPPORTED = {
                         "return_tokens_as_token_ids",
     "prompt_embeds": "prompt embeddings are not supported",
     "echo": "echo is only supported by /v1/completions",
+    "best_of": "best_of > 1 is not supported; use n",
 }
-NEUTRAL = {"length_penalty": (1, 1.0), "use_beam_search": (False,)}
+NEUTRAL = {"length_penalty": (1, 1.0), "use_beam_search": (False,), "best_of": (1,)}
 
 # Structured outputs are built on their own (docs/api.md, section Structured outputs); until
 # they are, asking for them is refused, never ignored.
 STRUCTURED_OUTPUTS = ("structured_outputs", "guided_json", "guided_regex", "guided_choice",
                       "guided_grammar", "guided_decoding_backend",
-                      "guided_whitespace_pattern")
+                      "guided_whitespace_pattern", "response_format")
 
 
 def screen(body: BaseModel, route: str) -> None:
@@ -70,7 +71,8 @@ def screen(body: BaseModel, route: str) -> None:
         extra = model.__pydantic_extra__ or {}
         for name, value in extra.items():
             param = f"{path}{name}"
-            if name in STRUCTURED_OUTPUTS and not _neutral(value):
+            if name in STRUCTURED_OUTPUTS and not (_neutral(value)
+                                                   or value == {"type": "text"}):
                 raise bad_request(f"{param}: structured outputs are not supported by this "
                                   f"server", param)
             if not path and name in VLLM_UNSUPPORTED:
