@@ -52,9 +52,11 @@ from tpaserve.frontend.outputs import Logprob
 router = APIRouter(route_class=OpenAIRoute)
 
 
-# template variables the server sets: a request's chat_template_kwargs cannot replace them
+# template variables the server sets, and jinja's globals: a request's chat_template_kwargs
+# cannot replace them
 _TEMPLATE_OWN = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token",
-                           "raise_exception", "strftime_now"})
+                           "raise_exception", "strftime_now", "range", "dict", "lipsum",
+                           "cycler", "joiner", "namespace"})
 
 
 def encode_chat(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool | None,

@@ -47,9 +47,12 @@ async def health(request: Request) -> Response:
     return Response(status_code=200)
 
 
-@router.api_route("/ping", methods=["GET", "POST"], response_class=Response,
-                  responses={200: {"description": "The engine runs (empty body)."},
-                             **error_responses(503)})
+_PING = dict(response_class=Response, responses={
+    200: {"description": "The engine runs (empty body)."}, **error_responses(503)})
+
+
+@router.get("/ping", **_PING)
+@router.post("/ping", **_PING)
 async def ping(request: Request) -> Response:
     """vLLM's (and SageMaker's) health probe: what /health answers."""
     return await health(request)

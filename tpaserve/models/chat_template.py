@@ -149,5 +149,8 @@ class ChatTemplate:
                 bos_token=bos_token, eos_token=eos_token)
         except ChatTemplateError:
             raise
-        except jinja2.TemplateError as e:
+        except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError,
+                ArithmeticError) as e:
+            # a template computing on the request's values (extra variables of any JSON
+            # type included) fails on the request: a 400, never a 500
             raise ChatTemplateError(f"chat template from {self.origin} failed: {e}") from e
