@@ -46,6 +46,7 @@ from tpaserve.api.request_policy import screen
 from tpaserve.frontend.outputs import Logprob
 
 router = APIRouter(route_class=OpenAIRoute)
+DEFAULT_MAX_TOKENS = 16
 
 
 @dataclass
@@ -104,7 +105,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     # the larger top count (each rendering keeps its own)
     echo_k = body.logprobs if body.echo else None
     wanted = [k for k in (echo_k, body.prompt_logprobs) if k is not None]
-    params = body.sampling_params(body.max_tokens, body.logprobs,
+    # null means the default, 16 (OpenAI's; vLLM's null would mean "up to the context")
+    max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    params = body.sampling_params(max_tokens, body.logprobs,
                                   prompt_logprobs=max(wanted) if wanted else None)
     rid = new_request_id("cmpl")
     streams = [client.generate(f"{rid}-{i}" if len(prompts) > 1 else rid, p.ids, params,
