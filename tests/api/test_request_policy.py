@@ -243,3 +243,10 @@ def test_known_fields_keep_strict_types(server, endpoint, body, param):
     r, _ = send(server, endpoint, {**base(endpoint), **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_logged_names_cannot_forge_or_flood_the_log():
+    from tpaserve.api.request_policy import MAX_LOGGED_NAMES, _names
+    line = _names(["ok", "x\nERROR forged", *(f"f{i}" for i in range(50))])
+    assert "\n" not in line and "'x\\nERROR forged'" in line
+    assert line.endswith(f" and {52 - MAX_LOGGED_NAMES} more")

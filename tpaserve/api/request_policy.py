@@ -31,6 +31,11 @@ def _neutral(value: Any) -> bool:
     return value is None or value is False or value == [] or value == {}
 
 
+def _same(value: Any, options: tuple) -> bool:
+    """`value` is one of `options`, type included (true is not 1)."""
+    return any(type(value) is type(o) and value == o for o in options)
+
+
 # vLLM's extensions that tpaserve does not implement: field -> why. Accepted with a neutral
 # value (null, false, [], {}, and the extra values listed in NEUTRAL), refused otherwise.
 VLLM_UNSUPPORTED = {
@@ -71,19 +76,29 @@ def screen(body: BaseModel, route: str) -> None:
         extra = model.__pydantic_extra__ or {}
         for name, value in extra.items():
             param = f"{path}{name}"
-            if name in STRUCTURED_OUTPUTS and not (_neutral(value)
-                                                   or value == {"type": "text"}):
-                raise bad_request(f"{param}: structured outputs are not supported by this "
-                                  f"server", param)
-            if not path and name in VLLM_UNSUPPORTED:
-                if not (_neutral(value) or value in NEUTRAL.get(name, ())):
-                    raise bad_request(f"{param}: {VLLM_UNSUPPORTED[name]}", param)
-            elif name not in STRUCTURED_OUTPUTS:
+            if path or name not in VLLM_UNSUPPORTED and name not in STRUCTURED_OUTPUTS:
                 ignored.append(param)
+            elif name in STRUCTURED_OUTPUTS:
+                if not (_neutral(value) or value == {"type": "text"}):
+                    raise bad_request(f"{param}: structured outputs are not supported by "
+                                      f"this server", param)
+            elif not (_neutral(value) or _same(value, NEUTRAL.get(name, ()))):
+                raise bad_request(f"{param}: {VLLM_UNSUPPORTED[name]}", param)
         extra.clear()
     if ignored:
         logger.warning("%s: ignored field(s) unknown to OpenAI and vLLM: %s", route,
-                       ", ".join(ignored))
+                       _names(ignored))
+
+
+MAX_LOGGED_NAMES = 20
+
+
+def _names(params: list[str]) -> str:
+    """The names for the log: a client's names cannot forge log lines (newlines, control
+    characters are escaped) nor flood it (at most MAX_LOGGED_NAMES, 100 characters each)."""
+    shown = [(p if p.isprintable() else repr(p))[:100] for p in params[:MAX_LOGGED_NAMES]]
+    more = len(params) - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more else "")
 
 
 def _models(model: BaseModel, path: str):
