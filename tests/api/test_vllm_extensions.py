@@ -286,3 +286,19 @@ def test_health_ping_load(server):
         assert httpx.get(f"{server.url}/load").json() == {"server_load": 1}
         assert [line for line in lines if line][-1] == "data: [DONE]"
     assert load_becomes(server, 0)
+
+
+def test_cors_flags_take_vllms_json_form_or_plain_values():
+    from tpaserve.api.cli import build_parser
+    from tpaserve.args import ServerArgs
+
+    def cors(*argv: str):
+        return ServerArgs.from_cli_args(build_parser().parse_args(list(argv))).cors()
+    assert cors() is None
+    assert cors("--allowed-origins", '["https://a.example", "https://b.example"]',
+                "--allowed-methods", "GET", "POST", "--allow-credentials") == {
+        "allow_origins": ["https://a.example", "https://b.example"],
+        "allow_methods": ["GET", "POST"], "allow_headers": ["*"], "allow_credentials": True}
+    with pytest.raises(SystemExit) as e:
+        cors("--allowed-origins", "[not json")
+    assert e.value.code == 2
