@@ -13,6 +13,11 @@ else
 TORCH_SPEC ?= torch==2.13.0
 endif
 PYTEST_ARGS ?=
+# guidellm, the load tool tests/api/test_load_tools.py drives, needs transformers 5 and its
+# own pins: a venv of its own, with the same torch. Best effort (the leading -): if it
+# cannot be built, that test skips and says why; .ok marks a complete install.
+GUIDELLM_VENV := .venv-guidellm
+GUIDELLM_SPEC := guidellm==0.8.1 transformers==5.24.0 datasets==5.2.0
 
 .PHONY: test test-gpu serve install system-deps clean
 
@@ -29,8 +34,13 @@ install: $(BIN)/.installed
 system-deps:
 	bash scripts/install_system_deps.sh
 
+$(GUIDELLM_VENV)/.ok:
+	-(test -x $(GUIDELLM_VENV)/bin/python || $(PYTHON) -m venv $(GUIDELLM_VENV)) && \
+	  $(GUIDELLM_VENV)/bin/pip install -q "$(TORCH_SPEC)" && \
+	  $(GUIDELLM_VENV)/bin/pip install -q $(GUIDELLM_SPEC) && touch $@
+
 # TRITON_INTERPRET=1: Triton kernels run on the CPU interpreter (no GPU here).
-test: $(BIN)/.installed system-deps
+test: $(BIN)/.installed system-deps $(GUIDELLM_VENV)/.ok
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not gpu and not slow" $(PYTEST_ARGS)
 
 test-gpu: $(BIN)/.installed
@@ -40,4 +50,4 @@ serve: $(BIN)/.installed
 	$(BIN)/tpaserve --host 127.0.0.1 --port 8000
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(GUIDELLM_VENV) build *.egg-info

@@ -59,6 +59,19 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
+def _str_list(text: str) -> list[str]:
+    """vLLM's form, a JSON list ('["http://a.example"]'), or one plain value."""
+    if text.lstrip().startswith("["):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a JSON list of strings")
+        return value
+    return [text]
+
+
 def _arg(default: Any, help: str, *, group: str, parse=None, choices=None, metavar=None,
          nargs=None, negative: str | None = None) -> Any:
     """A field and its flag. `negative`: a boolean on by default gets the flag --no-<name>
@@ -215,6 +228,30 @@ class ServerArgs:
         1, "API processes serving the port in front of the one engine core (HTTP, "
         "tokenization and streaming spread over CPU cores; each its own event loop)",
         group="server", parse=_int, metavar="N")
+
+    # ---- CORS (vLLM's flags; off unless --allowed-origins is given, unlike vLLM's "*")
+    allowed_origins: list | None = _arg(
+        None, "origins whose browser pages may call the API (CORS), e.g. "
+        "https://app.example or '[\"*\"]' (vLLM's JSON form). Default: none (no CORS "
+        "headers)", group="server", parse=_str_list, metavar="ORIGIN", nargs="+")
+    allowed_methods: list = _arg(["*"], "HTTP methods allowed for CORS requests",
+                                 group="server", parse=_str_list, metavar="METHOD", nargs="+")
+    allowed_headers: list = _arg(["*"], "request headers allowed for CORS requests",
+                                 group="server", parse=_str_list, metavar="HEADER", nargs="+")
+    allow_credentials: bool = _arg(False, "allow credentials (cookies, auth headers) in CORS "
+                                   "requests", group="server")
+
+    def cors(self) -> dict | None:
+        """Starlette CORSMiddleware's arguments, or None (no CORS)."""
+        def flat(values: list | None) -> list[str]:
+            return [v for item in values or [] for v in (item if isinstance(item, list)
+                                                         else [item])]
+        if not self.allowed_origins:
+            return None
+        return dict(allow_origins=flat(self.allowed_origins),
+                    allow_methods=flat(self.allowed_methods),
+                    allow_headers=flat(self.allowed_headers),
+                    allow_credentials=self.allow_credentials)
 
     def validate(self) -> None:
         if not 1 <= self.api_server_count <= 64:

@@ -19,15 +19,30 @@ def test_health_turns_503_while_draining(async_llm):
         assert "security" not in spec["paths"]["/health"]["get"]
 
 
-def test_unknown_fields_are_refused_naming_them(async_llm):
-    """Nothing a client sends is dropped silently: an unknown field is a 400 naming it,
-    as OpenAI answers (stream_options.continuous_usage_stats included: not supported)."""
+def test_unknown_fields_are_dropped_with_one_warning(async_llm, caplog):
+    """vLLM's policy (issue #15): a field unknown to OpenAI and vLLM is dropped with one
+    warning line naming it; continuous_usage_stats is served (docs/api.md)."""
     app = build_app(async_llm, "tiny")
     with TestClient(app) as http:
-        for body, param in [
-            ({"prompt": "hi", "frobnicate": 1}, "frobnicate"),
-            ({"prompt": "hi", "stream": True,
-              "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
-             "stream_options.continuous_usage_stats")]:
-            r = http.post("/v1/completions", json={"model": "tiny", "max_tokens": 2, **body})
-            assert r.status_code == 400 and r.json()["error"]["param"] == param
+        caplog.set_level("WARNING", logger="tpaserve.api")
+        r = http.post("/v1/completions", json={"model": "tiny", "max_tokens": 2,
+                                               "prompt": "hi", "frobnicate": 1})
+        assert r.status_code == 200
+        (line,) = [m for m in caplog.messages if "ignored field" in m]
+        assert "frobnicate" in line
+        r = http.post("/v1/completions", json={
+            "model": "tiny", "max_tokens": 2, "prompt": "hi", "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+        chunks = [c for c in r.text.split("\n\n") if c.startswith("data: {")]
+        assert r.status_code == 200 and chunks
+        assert all('"usage":{' in c for c in chunks)
+
+
+def test_ping_and_head_follow_health(async_llm):
+    app = build_app(async_llm, "tiny")
+    with TestClient(app) as http:
+        assert http.head("/health").status_code == 200
+        app.state.draining = True
+        for method, path in [("GET", "/ping"), ("POST", "/ping"), ("HEAD", "/ping"),
+                             ("HEAD", "/health")]:
+            assert http.request(method, path).status_code == 503

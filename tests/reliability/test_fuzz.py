@@ -54,11 +54,12 @@ OPERATIONS = [
     ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/tokenizer_info"),
     ("GET", "/v1/models"), ("GET", "/v1/models/{model}"),
     ("GET", "/health"), ("GET", "/version"), ("GET", "/metrics"),
+    ("GET", "/ping"), ("POST", "/ping"), ("GET", "/load"),
 ]
 # every operation with valid data; invalid data where there is a body to spoil (a path
 # parameter takes any string)
 RUNS = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + \
-       [(m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if m == "POST"]
+       [(m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if m == "POST" and p != "/ping"]
 
 
 def openai_error_body(ctx, response, case) -> bool | None:

@@ -28,6 +28,13 @@ from tpaserve.api.engine_client import (
     until_disconnect,
 )
 from tpaserve.api.errors import OpenAIRoute, bad_request, error_responses, sse_error
+from tpaserve.api.extensions import (
+    check_prompt_logprobs,
+    render_prompt_logprobs,
+    token_names,
+    truncate_prompt,
+    usage_flags,
+)
 from tpaserve.api.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -36,9 +43,11 @@ from tpaserve.api.protocol import (
     UsageInfo,
     sse_response,
 )
+from tpaserve.api.request_policy import screen
 from tpaserve.frontend.outputs import Logprob
 
 router = APIRouter(route_class=OpenAIRoute)
+DEFAULT_MAX_TOKENS = 16
 
 
 @dataclass
@@ -52,13 +61,15 @@ def _prompts(client: EngineClient, body: CompletionRequest) -> list[Prompt]:
     if isinstance(p, str) or isinstance(p[0], str):
         tok = client.tokenizer
         texts = [p] if isinstance(p, str) else p
-        out = [Prompt(tok.encode(t, add_special_tokens=body.add_special_tokens), t)
+        out = [Prompt(truncate_prompt(tok.encode(t, add_special_tokens=body.add_special_tokens
+                                                 is not False), body, client.max_model_len), t)
                for t in texts]
         empty = [i for i, q in enumerate(out) if not q.ids]
         if empty:
             raise bad_request("the prompt is empty: give at least one token", "prompt")
         return out
     id_lists = [p] if isinstance(p[0], int) else p
+    id_lists = [truncate_prompt(list(ids), body, client.max_model_len) for ids in id_lists]
     for ids in id_lists:
         client.check_token_ids(ids)        # before decoding them for echo
     tok = client.raw_tokenizer
@@ -78,6 +89,7 @@ def _check_unsupported(body: CompletionRequest) -> None:
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options is only allowed when stream is true",
                           "stream_options")
+    check_prompt_logprobs(body)
 
 
 @router.post("/v1/completions", response_model=CompletionResponse,
@@ -86,16 +98,22 @@ def _check_unsupported(body: CompletionRequest) -> None:
                         **error_responses(400, 401, 404, 413, 500, 503)})
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     client: EngineClient = request.app.state.client
+    screen(body, "/v1/completions")
     model = client.check_model(body.model)
     _check_unsupported(body)
     prompts = await off_loop(_prompts, client, body)
-    params = body.sampling_params(
-        body.max_tokens, body.logprobs,
-        prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)
+    # the engine scores the prompt once, for echo's logprobs and for prompt_logprobs: with
+    # the larger top count (each rendering keeps its own)
+    echo_k = body.logprobs if body.echo else None
+    wanted = [k for k in (echo_k, body.prompt_logprobs) if k is not None]
+    # null means the default, 16 (OpenAI's; vLLM's null would mean "up to the context")
+    max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    params = body.sampling_params(max_tokens, body.logprobs,
+                                  prompt_logprobs=max(wanted) if wanted else None)
     client.check_sequences(len(prompts) * params.n, "n" if len(prompts) == 1 else "prompt")
     rid = new_request_id("cmpl")
     streams = [client.generate(f"{rid}-{i}" if len(prompts) > 1 else rid, p.ids, params,
-                               body.priority) for i, p in enumerate(prompts)]
+                               body.priority or 0) for i, p in enumerate(prompts)]
     renderer = _Renderer(client, body, prompts, params.n)
     if body.stream:
         firsts = await open_streams(request, streams)
@@ -112,7 +130,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 
 async def _sse(rid: str, model: str, body: CompletionRequest, renderer: "_Renderer",
                outputs: AsyncIterator) -> AsyncIterator[str]:
-    n_completion = 0
+    n_completion, n_prompt = 0, sum(len(p.ids) for p in renderer.prompts)
+    final_usage, continuous = usage_flags(body.stream_options)
     try:
         async for i, out in outputs:
             events = []          # one write per engine step, however many choices moved
@@ -120,12 +139,15 @@ async def _sse(rid: str, model: str, body: CompletionRequest, renderer: "_Render
                 n_completion += len(c.token_ids_delta)
                 choice = renderer.delta_choice(i, c, out)
                 if choice is not None:
-                    chunk = CompletionResponse(id=rid, model=model, choices=[choice])
-                    events.append(f"data: {chunk.model_dump_json(exclude={'usage'})}\n\n")
+                    # continuous_usage_stats: the usage so far in every chunk
+                    chunk = CompletionResponse(id=rid, model=model, choices=[choice],
+                                               usage=UsageInfo.of(n_prompt, n_completion))
+                    skip = None if continuous else {"usage"}
+                    events.append(f"data: {chunk.model_dump_json(exclude=skip)}\n\n")
             if events:
                 yield "".join(events)
-        if body.stream_options is not None and body.stream_options.include_usage:
-            usage = UsageInfo.of(sum(len(p.ids) for p in renderer.prompts), n_completion)
+        if final_usage:
+            usage = UsageInfo.of(n_prompt, n_completion)
             chunk = CompletionResponse(id=rid, model=model, choices=[], usage=usage)
             yield f"data: {chunk.model_dump_json()}\n\n"
     except Exception as exc:                       # noqa: BLE001 - the stream has started
@@ -163,6 +185,7 @@ class _Renderer:
                  n: int):
         self.tok, self.body, self.prompts, self.n = client.raw_tokenizer, body, prompts, n
         self.want_logprobs = body.logprobs is not None
+        self.as_ids = bool(body.return_tokens_as_token_ids)
         self.offsets: dict[int, _TextOffsets] = {}  # stream: choice index -> its offsets
         self.echoed: set[int] = set()                # stream: choices whose prompt was sent
         self.closed: set[int] = set()                # stream: choices whose finish was sent
@@ -179,9 +202,13 @@ class _Renderer:
             entries = list(out.prompt_logprobs or [None] * len(prompt.ids)) + entries
         logprobs = (self._logprobs(ids, entries, self._new_offsets()) if self.want_logprobs
                     else None)
+        plp = None
+        if self.body.prompt_logprobs is not None:
+            plp = render_prompt_logprobs(self.tok, prompt.ids, out.prompt_logprobs,
+                                         self.body.prompt_logprobs, self.as_ids)
         return CompletionChoice(index=prompt_index * self.n + c.index, text=text,
                                 logprobs=logprobs, finish_reason=c.finish_reason,
-                                stop_reason=c.stop_reason)
+                                stop_reason=c.stop_reason, prompt_logprobs=plp)
 
     def delta_choice(self, prompt_index: int, c, out) -> CompletionChoice | None:
         index = prompt_index * self.n + c.index
@@ -213,9 +240,7 @@ class _Renderer:
                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason)
 
     def _names(self, ids: list[int]) -> list[str]:
-        if self.tok is None:
-            return [f"token_id:{i}" for i in ids]
-        return self.tok.convert_ids_to_tokens(ids)
+        return token_names(self.tok, ids, self.as_ids)
 
     def _logprobs(self, ids: list[int], entries: list[Logprob | None],
                   offsets: _TextOffsets) -> CompletionLogprobs:
@@ -228,6 +253,7 @@ class _Renderer:
                 out.top_logprobs.append(None)
                 continue
             lp, top = entry
+            top = top[:self.body.logprobs]     # the engine may have scored more (prompt_logprobs)
             best = {name: value for name, (_, value) in zip(self._names([t for t, _ in top]), top)}
             best.setdefault(token, lp)
             out.token_logprobs.append(lp)

@@ -1,4 +1,6 @@
-"""Small endpoints: GET /v1/models (and /v1/models/{id}), /health, /version, /metrics."""
+"""Small endpoints: GET /v1/models (and /v1/models/{id}), /health, /ping, /load, /version,
+/metrics. /health and /ping answer HEAD too, as load balancers probe with it; the HEAD
+routes stay out of the OpenAPI document (they answer what GET answers, with no body)."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
@@ -45,6 +47,32 @@ async def health(request: Request) -> Response:
     read the status only)."""
     request.app.state.client.check_ready(getattr(request.app.state, "draining", False))
     return Response(status_code=200)
+
+
+_PING = dict(response_class=Response, responses={
+    200: {"description": "The engine runs (empty body)."}, **error_responses(503)})
+
+
+@router.get("/ping", **_PING)
+@router.post("/ping", **_PING)
+async def ping(request: Request) -> Response:
+    """vLLM's (and SageMaker's) health probe: what /health answers."""
+    return await health(request)
+
+
+@router.head("/health", include_in_schema=False)
+@router.head("/ping", include_in_schema=False)
+async def health_head(request: Request) -> Response:
+    return await health(request)
+
+
+@router.get("/load", responses={200: {"content": {"application/json": {"schema": {
+    "type": "object", "required": ["server_load"],
+    "properties": {"server_load": {"type": "integer", "minimum": 0}}}}}}})
+async def load(request: Request) -> Response:
+    """vLLM's server load: completion and chat requests this API process is serving now
+    (server_load.py)."""
+    return JSONResponse({"server_load": getattr(request.app.state, "server_load", 0)})
 
 
 @router.get("/version", responses={200: {"content": {"application/json": {"schema": {

@@ -1,8 +1,10 @@
 """OpenAI (and vLLM-extension) request and response bodies, as pydantic models.
 
 Requests check shapes and types only; the values of the generation knobs are checked once,
-by SamplingParams (its errors name the OpenAI field). Unknown request fields are ignored,
-as OpenAI and vLLM do, so newer clients keep working.
+by SamplingParams (its errors name the OpenAI field). Every field of OpenAI's schemas is
+declared, null meaning its default; fields that do nothing for a base model are marked "no
+effect". Unknown fields pass validation and are then refused or dropped, with a warning, by
+request_policy.screen (docs/api.md has the table).
 
 Requests are validated strictly: pydantic's lax mode would take `true` for n = 1, "3" for
 max_tokens = 3 and 2.0 for an integer, so a client's type error would run as some other
@@ -60,8 +62,9 @@ def _has_lone_surrogate(v: Any) -> bool:
 
 class _Request(BaseModel):
     """Base of every request body: strict types (see above), and text that is Unicode."""
-    # strict types; unknown fields are refused (400 naming them), as OpenAI does, never dropped
-    model_config = ConfigDict(strict=True, extra="forbid")
+    # strict types; unknown fields are kept aside for request_policy.screen, which refuses
+    # or drops them (vLLM's policy), so they never reach the engine or a template
+    model_config = ConfigDict(strict=True, extra="allow")
 
     @field_validator("*", mode="before")
     @classmethod
@@ -75,7 +78,9 @@ class _Request(BaseModel):
 
 
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: bool | None = None            # a last chunk with the usage
+    continuous_usage_stats: bool | None = None   # vLLM: the usage so far in every chunk
+    include_obfuscation: bool | None = None      # no effect: there is no padding to add
 
 
 class SamplingRequest(_Request):
@@ -99,9 +104,13 @@ class SamplingRequest(_Request):
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
-    user: str | None = None
+    spaces_between_special_tokens: bool | None = None   # no effect (docs/api.md)
+    truncate_prompt_tokens: int | None = _doc(minimum=-1)
+    prompt_logprobs: int | None = _doc(minimum=0, maximum=MAX_LOGPROBS)
+    return_tokens_as_token_ids: bool | None = None
+    user: str | None = None                      # no effect
     # vLLM's: lower runs first; only with --scheduling-policy priority (fcfs: 400 unless 0)
-    priority: int = _doc(0, minimum=-2**31, maximum=2**31 - 1)
+    priority: int | None = _doc(0, minimum=-2**31, maximum=2**31 - 1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
 
@@ -137,7 +146,7 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = _doc(minimum=0, maximum=MAX_LOGPROBS)
     suffix: str | None = None
     best_of: int | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = None       # None: True
 
     @field_validator("prompt")
     @classmethod
@@ -159,9 +168,19 @@ class CompletionRequest(SamplingRequest):
 
 
 class ChatMessage(_Request):
+    """Any message OpenAI's schema allows, so a client can send back its own response
+    objects (message.model_dump()). Everything but role and content goes to the chat
+    template as is (templates that know tool calls render them)."""
     role: str = Field(json_schema_extra={"enum": sorted(ALLOWED_ROLES)})  # the template checks
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    annotations: list[dict[str, Any]] | None = None
+    reasoning_content: str | None = None         # vLLM's responses carry it
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -170,11 +189,34 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = _doc(minimum=0)
     logprobs: bool | None = False
     top_logprobs: int | None = _doc(minimum=0, maximum=MAX_LOGPROBS)
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool | None = None    # None: True
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool | None = None       # None: add BOS unless the template did
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    # tools: only with tool_choice "none" (request_policy.check_tools)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None      # no effect (no tool calls)
     response_format: dict[str, Any] | None = None
+    # OpenAI's fields that mean nothing for a base model served here: no effect
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    safety_identifier: str | None = None
+    reasoning_effort: str | None = None
+    include_reasoning: bool | None = None        # vLLM
+    verbosity: str | None = None
+    prediction: dict[str, Any] | None = None     # a latency hint: output is the same
+    # OpenAI's fields a text-only base model cannot honour: refused unless neutral
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    web_search_options: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
 
 
 class TokenizeRequest(_Request):
@@ -183,8 +225,10 @@ class TokenizeRequest(_Request):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool | None = None       # prompt: default True; messages: see chat
-    add_generation_prompt: bool = True
-    return_token_strs: bool = False
+    add_generation_prompt: bool | None = None    # None: True
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool | None = None
 
 
 class DetokenizeRequest(_Request):
@@ -222,12 +266,26 @@ class CompletionLogprobs(BaseModel):
         return self
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's prompt_logprobs entry: one per token id (the prompt's token and the top ones);
+    rank is 1 for the most likely token, null when the token is outside the top ones."""
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: per prompt position (the first has no context: null), token id ->
+# its entry
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -273,6 +331,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(BaseModel):

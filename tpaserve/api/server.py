@@ -2,8 +2,9 @@
 ready (AsyncLLM.wait_ready).
 
 Request path, outside in: HTTP metrics (every response, by route template and status) ->
-API-key check (everything but /health, /metrics, /version, /dashboard) -> body-size limit ->
-FastAPI routing -> endpoint (OpenAIRoute renders every error). The AsyncLLM connects to its core
+API-key check (everything but OPEN_PATHS) -> CORS (only with --allowed-origins) -> body-size
+limit (and --request-body-timeout) -> server load (/load) -> FastAPI routing -> endpoint
+(OpenAIRoute renders every error). The AsyncLLM connects to its core
 in the lifespan (it needs the running event loop) and stops the core after uvicorn has
 drained the in-flight requests, it disconnects; the AsyncLLM's owner (the CLI) stops the
 core after that. If the core dies, `app.state.on_engine_dead` (set by the CLI's server) is
@@ -18,6 +19,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,21 +27,24 @@ import tpaserve
 from tpaserve.api import chat, completions, dashboard, misc, tokenize
 from tpaserve.api.engine_client import EngineClient
 from tpaserve.api.errors import APIError, install
+from tpaserve.api.server_load import ServerLoadMiddleware
 from tpaserve.args import ServerArgs
 from tpaserve.frontend.async_llm import AsyncLLM
 from tpaserve.frontend.metrics import HTTP_REQUESTS, EngineMetrics
 
 logger = logging.getLogger("tpaserve.api")
 
-# the status page is open like /metrics, whose numbers it shows (a 404 if disabled)
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version"}) | dashboard.PATHS
+# open like /health: probes, load and the status page (whose numbers /metrics has);
+# the dashboard's paths are a 404 when it is disabled
+OPEN_PATHS = frozenset({"/health", "/ping", "/load", "/metrics", "/version"}) | dashboard.PATHS
 
 
 def build_app(llm: AsyncLLM, model_names: list[str] | str = "t6",
               args: ServerArgs | None = None) -> FastAPI:
-    """The app over `llm`; `args`: the server's limits, key and pages (ServerArgs' defaults
-    if None; host, port and the process flags are not read here)."""
+    """The app over `llm`; `args`: the server's limits, key, CORS and pages (ServerArgs'
+    defaults if None; host, port and the process flags are not read here)."""
     args = args or ServerArgs()
+    cors = args.cors()          # CORSMiddleware's arguments, None for no CORS headers
     names = [model_names] if isinstance(model_names, str) else list(model_names)
     if not names:
         raise ValueError("model_names must name at least one model")
@@ -68,6 +73,7 @@ def build_app(llm: AsyncLLM, model_names: list[str] | str = "t6",
     for router in routers:
         app.include_router(router)
     install(app)
+    app.add_middleware(ServerLoadMiddleware, state=app.state)
     # add_middleware puts each one outside the previous: the key is checked first, so an
     # unauthenticated client cannot make the server buffer a body
     app.add_middleware(BodyLimitMiddleware, max_bytes=args.max_request_body_bytes,
@@ -75,6 +81,8 @@ def build_app(llm: AsyncLLM, model_names: list[str] | str = "t6",
     if args.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=args.api_key)
         _document_bearer_auth(app)
+    if cors:            # outside the key check: a browser's preflight carries no key
+        app.add_middleware(CORSMiddleware, **cors)
     # outermost: 401s and 413s are counted too
     app.add_middleware(HTTPMetricsMiddleware, model_name=names[0],
                        routes=[route for router in routers for route in router.routes])

@@ -15,6 +15,7 @@ from tpaserve.api.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from tpaserve.api.request_policy import screen
 
 router = APIRouter(route_class=OpenAIRoute)
 
@@ -27,6 +28,7 @@ def _json(model) -> Response:
              responses=error_responses(400, 401, 404, 413))
 async def tokenize(body: TokenizeRequest, request: Request) -> Response:
     client: EngineClient = request.app.state.client
+    screen(body, "/tokenize")
     client.check_model(body.model)
     tok = client.tokenizer
     if (body.prompt is None) == (body.messages is None):
@@ -36,7 +38,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Response:
             body.prompt, add_special_tokens=body.add_special_tokens is not False))
     else:
         ids = await off_loop(encode_chat, client.tokenizer_for("messages"), body.messages,
-                             body.add_generation_prompt, body.add_special_tokens)
+                             body.add_generation_prompt, body.add_special_tokens,
+                             body.continue_final_message, body.chat_template_kwargs)
     return _json(TokenizeResponse(
         count=len(ids), max_model_len=client.max_model_len, tokens=ids,
         token_strs=tok.convert_ids_to_tokens(ids) if body.return_token_strs else None))
@@ -46,6 +49,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Response:
              responses=error_responses(400, 401, 404, 413))
 async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
     client: EngineClient = request.app.state.client
+    screen(body, "/detokenize")
     client.check_model(body.model)
     tok = client.tokenizer
     client.check_token_ids(body.tokens, "tokens")

@@ -139,13 +139,18 @@ class ChatTemplate:
         return cls(source, origin)
 
     def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-               bos_token: str = "", eos_token: str = "") -> str:
+               bos_token: str = "", eos_token: str = "", **extra: Any) -> str:
+        """`extra`: more variables for the template (a request's chat_template_kwargs, e.g.
+        enable_thinking); they cannot replace the ones named here."""
         normalized = normalize_messages(messages)
         try:
             return self._template.render(
-                messages=normalized, add_generation_prompt=add_generation_prompt,
+                **extra, messages=normalized, add_generation_prompt=add_generation_prompt,
                 bos_token=bos_token, eos_token=eos_token)
         except ChatTemplateError:
             raise
-        except jinja2.TemplateError as e:
+        except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError,
+                ArithmeticError) as e:
+            # a template computing on the request's values (extra variables of any JSON
+            # type included) fails on the request: a 400, never a 500
             raise ChatTemplateError(f"chat template from {self.origin} failed: {e}") from e

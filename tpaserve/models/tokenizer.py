@@ -164,12 +164,14 @@ class Tokenizer(ABC):
                 out.append("bytes:" + "".join(f"\\x{b:02x}" for b in raw))
         return out
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **template_kwargs) -> str:
+        """`template_kwargs`: more template variables (vLLM's chat_template_kwargs)."""
         def text(i: int | None) -> str:
             return "" if i is None else self._token_text(i)
         return self._chat.render(messages, add_generation_prompt,
                                  bos_token=text(self.bos_token_id),
-                                 eos_token=text(self.eos_token_id))
+                                 eos_token=text(self.eos_token_id), **template_kwargs)
 
     def _check_id(self, id: int) -> None:
         if not 0 <= id < self.vocab_size:
