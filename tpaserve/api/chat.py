@@ -37,6 +37,7 @@ from tpaserve.api.protocol import (
     UsageInfo,
     sse_response,
 )
+from tpaserve.api.structured import with_structured_outputs
 from tpaserve.exceptions import SamplingParamsError
 from tpaserve.frontend.outputs import Logprob
 
@@ -61,10 +62,6 @@ def encode_chat(tokenizer, messages: list[ChatMessage], add_generation_prompt: b
 def _check_unsupported(body: ChatCompletionRequest) -> None:
     if body.tools:
         raise bad_request("tools are not supported by this server", "tools")
-    fmt = (body.response_format or {}).get("type", "text")
-    if fmt != "text":
-        raise bad_request(f"response_format {fmt!r} is not supported; only 'text' is",
-                          "response_format")
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options is only allowed when stream is true",
                           "stream_options")
@@ -92,6 +89,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         sent = {"logprobs": "top_logprobs", "max_tokens": "max_completion_tokens"
                 if body.max_completion_tokens is not None else "max_tokens"}.get(e.param, e.param)
         raise bad_request(sent + str(e).removeprefix(e.param), sent) from e
+    params = with_structured_outputs(params, body)
     rid = new_request_id("chatcmpl")
     stream = client.generate(rid, ids, params, body.priority)
     if body.stream:

@@ -35,6 +35,7 @@ from tpaserve.api.protocol import (
     UsageInfo,
     sse_response,
 )
+from tpaserve.api.structured import with_structured_outputs
 from tpaserve.frontend.outputs import Logprob
 
 router = APIRouter(route_class=OpenAIRoute)
@@ -91,6 +92,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     params = body.sampling_params(
         body.max_tokens, body.logprobs,
         prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)
+    params = with_structured_outputs(params, body)
     rid = new_request_id("cmpl")
     streams = [client.generate(f"{rid}-{i}" if len(prompts) > 1 else rid, p.ids, params,
                                body.priority) for i, p in enumerate(prompts)]

@@ -100,6 +100,13 @@ class SamplingRequest(_Request):
     priority: int = 0
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    # structured outputs, checked and mapped in api/structured.py (at most one of these)
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
@@ -170,7 +177,6 @@ class ChatCompletionRequest(SamplingRequest):
     add_special_tokens: bool | None = None       # None: add BOS unless the template did
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
 
 
 class TokenizeRequest(_Request):
