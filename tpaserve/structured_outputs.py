@@ -70,7 +70,12 @@ class StructuredOutputsParams:
         if not isinstance(self.strict, bool):
             raise SamplingParamsError("structured_outputs.strict", self.strict,
                                       "must be a boolean")
-        error = llguidance.LLMatcher.validate_grammar(self.grammar_text())
+        try:
+            error = llguidance.LLMatcher.validate_grammar(self.grammar_text())
+        except SamplingParamsError:
+            raise
+        except Exception as e:             # llguidance refuses what it cannot even parse
+            error = f"{type(e).__name__}: {e}"
         if error:
             raise SamplingParamsError(field, _short(getattr(self, kind)),
                                       f"is not valid: {error.strip()}")

@@ -147,3 +147,4 @@ def test_an_engine_without_a_tokenizer_refuses_constrained_requests(tok_model):
     with pytest.raises(Exception, match="tokenizer"):
         eng.add_request("x", [1, 2, 3], SamplingParams(structured_outputs=_so(choice=["a"])))
     assert_drained(eng)
+
