@@ -1,5 +1,6 @@
 # tpaserve developer entry points.
-#   make test   create .venv, install tpaserve[test], run the CPU test suite
+#   make test   create .venv, install tpaserve[test] (and, as root, the Debian tools the tests
+#               drive: prometheus, chromium), run the CPU test suite
 #   make serve  create .venv, install, serve the bundled demo model on 127.0.0.1:8000
 PYTHON ?= python3
 VENV   := .venv
@@ -13,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 endif
 PYTEST_ARGS ?=
 
-.PHONY: test test-gpu serve install clean
+.PHONY: test test-gpu serve install system-deps clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +26,11 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+system-deps:
+	bash scripts/install_system_deps.sh
+
 # TRITON_INTERPRET=1: Triton kernels run on the CPU interpreter (no GPU here).
-test: $(BIN)/.installed
+test: $(BIN)/.installed system-deps
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not gpu and not slow" $(PYTEST_ARGS)
 
 test-gpu: $(BIN)/.installed

@@ -114,6 +114,11 @@ class EngineArgs:
     max_queued_requests: int | None = _arg(
         None, "waiting sequences before new requests get 503 + Retry-After. Default: "
         "unbounded", group="scheduler", parse=_int, metavar="N")
+    scheduling_policy: str = _arg(
+        "fcfs", "fcfs: first come first served, and a request's 'priority' must be 0 (400 "
+        "otherwise); priority: requests with a lower 'priority' run and keep running first "
+        "(the operator must trust the clients with it)", group="scheduler",
+        choices=["fcfs", "priority"])
     num_scheduler_steps: int | None = _arg(
         None, "decode steps per scheduling round while every running request only decodes "
         "(host work once per round; streams get up to this many tokens per chunk). Default: "
@@ -153,6 +158,7 @@ class EngineArgs:
                                     max_num_seqs=self.max_num_seqs,
                                     max_model_len=self.max_model_len,
                                     max_queued_requests=self.max_queued_requests,
+                                    scheduling_policy=self.scheduling_policy,
                                     num_scheduler_steps=self.num_scheduler_steps)
         if self.seed is not None and not isinstance(self.seed, int):
             raise ConfigError(f"--seed must be an integer, got {self.seed!r}")
@@ -183,16 +189,29 @@ class ServerArgs:
     port: int = _arg(8000, "port (0: any free port)", group="server", parse=_int,
                      metavar="PORT")
     api_key: str | None = _arg(
-        None, f"require 'Authorization: Bearer KEY' on every path but /health, /metrics and "
-        f"/version. Default: ${API_KEY_ENV} if set, else no key", group="server",
+        None, f"require 'Authorization: Bearer KEY' on every path but /health, /metrics, "
+        f"/version and /dashboard. Default: ${API_KEY_ENV} if set, else no key", group="server",
         metavar="KEY")
     max_request_body_bytes: int = _arg(16 * 2**20, "larger request bodies get 413",
                                        group="server", parse=parse_size, metavar="SIZE")
+    request_body_timeout: float = _arg(
+        30.0, "a request body that sends nothing for this long is answered 408 and its "
+        "connection closed (slow or stalled uploads)", group="server", parse=_float,
+        metavar="SECONDS")
+    max_prompt_chars: int | None = _arg(
+        None, "text prompts (and rendered chats) longer than this many characters get 400 "
+        "before they are tokenized. Default: 32 x the context length", group="server",
+        parse=_int, metavar="N")
+    max_request_sequences: int = _arg(
+        256, "sequences one request may ask for (prompts x n); more get 400", group="server",
+        parse=_int, metavar="N")
     graceful_shutdown_timeout: float = _arg(
         30.0, "on SIGTERM/SIGINT, stop accepting and let in-flight requests finish for this "
         "long", group="server", parse=_float, metavar="SECONDS")
     log_level: str = _arg("info", "log level of tpaserve and uvicorn", group="server",
                           choices=["debug", "info", "warning", "error", "critical"])
+    disable_dashboard: bool = _arg(
+        False, "do not serve the live status page at /dashboard", group="server")
     api_server_count: int = _arg(
         1, "API processes serving the port in front of the one engine core (HTTP, "
         "tokenization and streaming spread over CPU cores; each its own event loop)",
@@ -206,6 +225,14 @@ class ServerArgs:
             raise ConfigError(f"--port must be in [0, 65535], got {self.port}")
         if self.max_request_body_bytes < 1:
             raise ConfigError("--max-request-body-bytes must be at least 1 byte")
+        if not self.request_body_timeout > 0:
+            raise ConfigError(f"--request-body-timeout must be > 0 seconds, got "
+                              f"{self.request_body_timeout}")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ConfigError(f"--max-prompt-chars must be >= 1, got {self.max_prompt_chars}")
+        if self.max_request_sequences < 1:
+            raise ConfigError(f"--max-request-sequences must be >= 1, got "
+                              f"{self.max_request_sequences}")
         if not self.graceful_shutdown_timeout >= 0:
             raise ConfigError(f"--graceful-shutdown-timeout must be >= 0 seconds, got "
                               f"{self.graceful_shutdown_timeout}")

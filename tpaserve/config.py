@@ -88,6 +88,7 @@ class CacheConfig:
 
 
 MAX_SCHEDULER_STEPS = 64
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,14 @@ class SchedulerConfig:
     # decode steps per scheduling round (see Scheduler._round_steps): host work once per
     # round, not once per token. None: the core picks (8 on CUDA, 1 on the CPU).
     num_scheduler_steps: int | None = 1
+    # fcfs: arrival order, and a request's `priority` must be 0 (a client cannot jump the
+    # queue or choose who is preempted); priority: lower values first, then arrival order
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ConfigError(f"--scheduling-policy must be one of "
+                              f"{', '.join(SCHEDULING_POLICIES)}, got {self.scheduling_policy!r}")
         if self.num_scheduler_steps is not None and \
                 not 1 <= self.num_scheduler_steps <= MAX_SCHEDULER_STEPS:
             raise ConfigError(f"--num-scheduler-steps must be in [1, {MAX_SCHEDULER_STEPS}], "

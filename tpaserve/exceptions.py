@@ -77,6 +77,11 @@ class QueueFull(TpaserveError, RuntimeError):
     """The waiting queue is at --max-queued-requests; try again later."""
 
 
+class ServerShuttingDown(TpaserveError, RuntimeError):
+    """The server's drain time (--graceful-shutdown-timeout) ran out while this request was
+    still running: it ends with a 503 (a stream: an error event, then [DONE])."""
+
+
 class EngineDeadError(TpaserveError, RuntimeError):
     """The engine cannot continue; every request in flight fails with this."""
 

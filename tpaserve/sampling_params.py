@@ -29,6 +29,11 @@ SEED_RANGE = (-2**63, 2**64 - 1)   # what torch.Generator.manual_seed accepts
 # Temperatures below this are treated as greedy: dividing fp32 logits by a smaller number
 # can overflow to inf and turn the softmax into NaN. vLLM uses the same threshold.
 GREEDY_TEMPERATURE = 1e-5
+# Ranges where the sampler's fp32 math stays finite. A repetition penalty of 1e-300 is 0 in
+# fp32 (logit / 0 = inf, then NaN); a temperature of 1e300 is inf (-inf / inf = NaN for a
+# masked logit). These bounds are far outside any useful setting.
+MAX_TEMPERATURE = 100.0
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 
 def _check_int(name: str, v: Any, lo: int | None = None, hi: int | None = None) -> int:
@@ -113,8 +118,9 @@ class SamplingParams:
             _check_int("max_tokens", self.max_tokens, lo=0)
 
         put("temperature", _check_float("temperature", self.temperature))
-        if self.temperature < 0:
-            raise SamplingParamsError("temperature", self.temperature, "must be >= 0")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise SamplingParamsError("temperature", self.temperature,
+                                      f"must be in [0, {MAX_TEMPERATURE:g}]")
         put("top_p", _check_float("top_p", self.top_p))
         if not 0.0 < self.top_p <= 1.0:
             raise SamplingParamsError("top_p", self.top_p, "must be in (0, 1]")
@@ -157,8 +163,10 @@ class SamplingParams:
                                           f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]")
             put(name, v)
         put("repetition_penalty", _check_float("repetition_penalty", self.repetition_penalty))
-        if self.repetition_penalty <= 0:
-            raise SamplingParamsError("repetition_penalty", self.repetition_penalty, "must be > 0")
+        lo, hi = REPETITION_PENALTY_RANGE
+        if not lo <= self.repetition_penalty <= hi:
+            raise SamplingParamsError("repetition_penalty", self.repetition_penalty,
+                                      f"must be in [{lo:g}, {hi:g}]")
         put("logit_bias", _normalise_logit_bias(self.logit_bias))
 
         _check_bool("skip_special_tokens", self.skip_special_tokens)

@@ -104,7 +104,8 @@ class StructuredOutputsParams:
         if self.regex is not None:
             return m.grammar_from_regex(self.regex)
         if self.choice is not None:
-            alts = " | ".join(json.dumps(c, ensure_ascii=False) for c in self.choice)   # Lark string literals
+            # Lark string literals (JSON's escapes: \" \\ \n ...)
+            alts = " | ".join(json.dumps(c, ensure_ascii=False) for c in self.choice)
             return m.grammar_from_lark(f"start: {alts}")
         return m.grammar_from_lark(self.grammar)
 

@@ -2,6 +2,7 @@
 on stderr, a non-zero status and no traceback; SIGTERM drains in-flight requests."""
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -170,15 +171,32 @@ def test_sigterm_lets_in_flight_requests_finish(start_server):
     assert "Traceback" not in s.log.read_text()
 
 
-def test_sigterm_cuts_requests_after_the_timeout(start_server):
-    s = start_server("--graceful-shutdown-timeout", "0.3")
+def test_sigterm_ends_open_requests_cleanly_when_the_drain_time_runs_out(start_server):
+    """When --graceful-shutdown-timeout runs out, a stream still running ends with an error
+    event (503 shutting_down) and `data: [DONE]`, and a non-streaming request gets a 503
+    OpenAI error body: nothing is cut mid-chunk."""
+    s = start_server("--graceful-shutdown-timeout", "0.5")
     body = {"model": MODEL_NAME, "prompt": "hello", "max_tokens": 480, "temperature": 0,
             "ignore_eos": True, "stream": True, "n": 8}
     t, got = stream_in_thread(s.url, body)
+    plain: dict = {}
+
+    def non_streaming():
+        plain["r"] = httpx.post(f"{s.url}/v1/completions", timeout=60, json={
+            **body, "stream": False, "n": 1})
+    t2 = threading.Thread(target=non_streaming, daemon=True)
+    t2.start()
     wait_events(got, 2)
+    time.sleep(0.2)                               # the non-streaming one is in the engine
     start = time.monotonic()
     s.proc.send_signal(signal.SIGTERM)
     assert s.proc.wait(20) in (0, -signal.SIGTERM)
     assert time.monotonic() - start < 10
     t.join(10)
-    assert "data: [DONE]" not in got["events"]
+    t2.join(10)
+    assert got["error"] is None, got["error"]
+    assert got["events"][-1] == "data: [DONE]"
+    err = json.loads(got["events"][-2].removeprefix("data: "))["error"]
+    assert err["code"] == "shutting_down" and "graceful-shutdown-timeout" in err["message"]
+    r = plain["r"]
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text

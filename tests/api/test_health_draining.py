@@ -3,10 +3,11 @@ drains after SIGTERM; the OpenAPI document declares the bearer key when one is s
 from starlette.testclient import TestClient
 
 from tpaserve.api.server import build_app
+from tpaserve.args import ServerArgs
 
 
 def test_health_turns_503_while_draining(async_llm):
-    app = build_app(async_llm, "tiny", api_key="k")
+    app = build_app(async_llm, "tiny", ServerArgs(api_key="k"))
     with TestClient(app) as http:
         assert http.get("/health").status_code == 200
         app.state.draining = True

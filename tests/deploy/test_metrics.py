@@ -32,7 +32,7 @@ REQUIRED = [
     "tpaserve:mha_equivalent_cache_used_bytes", "tpaserve:engine_step_duration_seconds_count",
     "tpaserve:engine_step_batch_size_count", "tpaserve:cache_config_info",
     "tpaserve:http_requests_total", "tpaserve:engine_host_seconds_total",
-    "tpaserve:engine_device_wait_seconds_total",
+    "tpaserve:engine_device_wait_seconds_total", "tpaserve:server_start_time_seconds",
 ]
 
 

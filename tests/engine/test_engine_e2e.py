@@ -220,7 +220,8 @@ def test_follow_up_after_same_step_preemption_reads_only_written_blocks(t6):
     and of higher priority, cannot grow and preempts X and then itself. A follow-up prompt
     that continues X's tokens used to hit X's never-written block and read garbage."""
     sp = SamplingParams(max_tokens=12, **GREEDY)
-    eng = engine(t6, num_blocks=10, block_size=4, max_num_batched_tokens=16)
+    eng = engine(t6, num_blocks=10, block_size=4, max_num_batched_tokens=16,
+                 scheduling_policy="priority")
     eng.add_request("Z", list(range(1, 13)), sp, priority=0)
     eng.add_request("X", list(range(5, 12)), sp, priority=2)
     eng.step()
@@ -554,4 +555,35 @@ def test_consecutive_failures_kill_the_engine(t6):
     eng.add_request("last", [1, 2, 3], SamplingParams(max_tokens=3))
     with pytest.raises(EngineDeadError, match="still broken"):
         eng.step()
+    assert_drained(eng)
+
+
+def test_nonfinite_logits_end_the_request_with_an_error_never_a_token(t6):
+    """Fault injection: from the 4th logits computation on, the model's logits for the
+    requests' rows are NaN. They end with finish_reason "error" and an error; the tokens
+    they had are the reference's prefix (nothing drawn from NaN); the engine then serves a
+    new request exactly, and nothing leaks."""
+    sp = SamplingParams(max_tokens=12, **GREEDY)
+    prompts = {"a": [1, 2, 3, 4, 5], "b": [9, 8, 7]}
+    eng = engine(t6)
+    model, compute, calls = eng.core.runner.model, eng.core.runner.model.compute_logits, [0]
+
+    def poisoned(hidden):
+        calls[0] += 1
+        out = compute(hidden)
+        return out.fill_(float("nan")) if 4 <= calls[0] <= 40 else out
+    model.compute_logits = poisoned
+    try:
+        done = run(eng, [(rid, p, sp) for rid, p in prompts.items()])
+    finally:
+        model.compute_logits = compute
+    for rid, p in prompts.items():
+        out = done[rid]
+        assert out.outputs[0].finish_reason == "error" and out.error is not None, out
+        assert "not finite" in out.error.message
+        got = tokens(out)
+        assert len(got) < 12 and got == reference_generate(t6, p, sp, None)[:len(got)]
+    assert_drained(eng)
+    again = run(eng, [("c", [4, 4, 4], sp)])
+    assert tokens(again["c"]) == reference_generate(t6, [4, 4, 4], sp, None)
     assert_drained(eng)

@@ -101,6 +101,25 @@ def test_execute_never_waits_for_the_device():
     assert eng.core.blocks.num_free == eng.core.blocks.num_blocks
 
 
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+def test_nonfinite_rows_are_marked_on_the_device(greedy):
+    """The sampler's NaN / +inf guard with CUDA's reductions (amax propagates NaN there too),
+    bf16 logits as the model gives them, a vocab that is not a power of two."""
+    from tpaserve.runner.sampler import NONFINITE, Sampler, SamplingRow
+    v = 32003
+    logits = torch.randn(8, v + 61, device="cuda", dtype=torch.bfloat16)
+    logits[1, 17] = float("nan")
+    logits[5, v - 1] = float("inf")
+    logits[6, :] = float("-inf")
+    logits[6, 3] = 0.0                      # masked everywhere but one token: fine
+    p = SamplingParams(temperature=0.0 if greedy else 0.9, top_p=0.95)
+    rows = [SamplingRow(p, [1, 2], [], None) for _ in range(8)]
+    out = Sampler(v, 2)(logits, rows).token_ids
+    assert out[1] == NONFINITE and out[5] == NONFINITE
+    assert out[6] == 3
+    assert all(0 <= t < v for i, t in enumerate(out) if i not in (1, 5))
+
+
 def test_on_cuda_masks_hold_without_host_syncs_beside_graphs_and_rounds():
     """t6-demo on CUDA (graphs, rounds of 8, async): constrained outputs validate, the
     unconstrained requests get their tokens of a run without constrained ones (fp32: one
@@ -116,9 +135,9 @@ def test_on_cuda_masks_hold_without_host_syncs_beside_graphs_and_rounds():
     reqs = [(f"p{i}", p, plain) for i, p in enumerate(prompts)]
     want = {rid: out.outputs[0].token_ids for rid, out in run(alone, reqs).items()}
     assert alone.core.config.scheduler.num_scheduler_steps > 1 and alone.core.runner.graphs
+    yes = StructuredOutputsParams(choice=["yes"])
     run(eng, [("w0", prompts[0], SamplingParams(max_tokens=3)),       # Triton compiles here
-              ("w1", prompts[1], SamplingParams(max_tokens=3, structured_outputs=StructuredOutputsParams(
-                  choice=["yes"])))])
+              ("w1", prompts[1], SamplingParams(max_tokens=3, structured_outputs=yes))])
     execute = eng.core.runner.execute
 
     def strict(sched):
@@ -128,8 +147,9 @@ def test_on_cuda_masks_hold_without_host_syncs_beside_graphs_and_rounds():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     eng.core.runner.execute = strict
+    schema = StructuredOutputsParams(json=SCHEMA)
     reqs += [(f"s{i}", p, SamplingParams(max_tokens=80, temperature=0.7 * (i % 2), seed=i,
-                                         structured_outputs=StructuredOutputsParams(json=SCHEMA)))
+                                         structured_outputs=schema))
              for i, p in enumerate(prompts)]
     done = run(eng, reqs)
     for i in range(len(prompts)):

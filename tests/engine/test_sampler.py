@@ -206,3 +206,31 @@ def test_compute_logprobs_restricts_to_vocab(logits):
     for i, (chosen, top) in enumerate(lps):
         assert chosen == pytest.approx(ref[i, i].item(), abs=1e-6)
         assert all(t < V for t, _ in top)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("kw", [dict(temperature=0.0), dict(temperature=0.8),
+                                dict(temperature=0.8, top_p=0.9, top_k=5),
+                                dict(temperature=1.0, repetition_penalty=1.3)],
+                         ids=["greedy", "sample", "top-p-k", "penalty"])
+def test_rows_with_nonfinite_logits_get_no_token(logits, bad, kw):
+    """A row with a NaN or +inf logit gets NONFINITE, never a token drawn from it (argmax
+    of a NaN softmax picks the NaN's index, token 0 here); the other rows are untouched."""
+    from tpaserve.runner.sampler import NONFINITE
+    spoiled = logits.clone()
+    spoiled[2, 0] = bad
+    spoiled[4, :] = float("nan")
+    rows = [row(seed=i, **kw) for i in range(6)]
+    clean = Sampler(V, EOS)(padded(logits), rows).token_ids
+    out = Sampler(V, EOS)(padded(spoiled), rows).token_ids
+    assert out[2] == NONFINITE and out[4] == NONFINITE
+    assert [t for i, t in enumerate(out) if i not in (2, 4)] == \
+        [t for i, t in enumerate(clean) if i not in (2, 4)]
+
+
+def test_masked_rows_are_not_nonfinite(logits):
+    """-inf is a mask, not a fault: min_tokens' -inf on eos leaves the row sampling."""
+    masked = logits.clone()
+    masked[:, :V // 2] = float("-inf")
+    out = Sampler(V, EOS)(padded(masked), [row(temperature=0.7, seed=1)] * 6).token_ids
+    assert all(V // 2 <= t < V for t in out)

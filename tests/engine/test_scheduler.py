@@ -28,10 +28,11 @@ _clock = itertools.count(1)
 
 
 def make(num_blocks=16, block_size=4, budget=64, max_seqs=8, max_len=128, prefix=True,
-         max_queued=None, steps=1) -> tuple[Scheduler, BlockManager]:
+         max_queued=None, steps=1, policy="priority") -> tuple[Scheduler, BlockManager]:
     bm = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix)
     cfg = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs,
-                          max_queued_requests=max_queued, num_scheduler_steps=steps)
+                          max_queued_requests=max_queued, num_scheduler_steps=steps,
+                          scheduling_policy=policy)
     return Scheduler(cfg, bm, max_len), bm
 
 
@@ -146,6 +147,25 @@ def test_priority_runs_lower_value_first_then_arrival():
     s.add_request(req("mid-b", [1, 2], max_tokens=1, priority=0))
     order = [o.requests[0].request_id for o in run_to_end(s)]
     assert order == ["hi", "mid-a", "mid-b", "late-lo"]
+    drain_and_check(s)
+
+
+def test_fcfs_refuses_a_priority_and_runs_in_arrival_order():
+    s, bm = make(budget=4, max_seqs=1, policy="fcfs")
+    with pytest.raises(RequestRejected, match="first come first served") as e:
+        s.add_request(req("jump", [1, 2], max_tokens=1, priority=-1))
+    assert e.value.param == "priority"
+    for rid in ("a", "b", "c"):
+        s.add_request(req(rid, [1, 2], max_tokens=1))
+    assert [o.requests[0].request_id for o in run_to_end(s)] == ["a", "b", "c"]
+    drain_and_check(s)
+
+
+def test_priority_out_of_range_is_refused():
+    s, bm = make(policy="priority")
+    with pytest.raises(RequestRejected, match="priority must be in") as e:
+        s.add_request(req("x", [1, 2], priority=2**40))
+    assert e.value.param == "priority"
     drain_and_check(s)
 
 

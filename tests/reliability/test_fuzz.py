@@ -43,6 +43,7 @@ from tests.api.conftest import make_async_llm
 from tests.reliability.common import check_error_body
 from tests.reliability.conftest import API_KEY, MODEL_NAME
 from tpaserve.api.server import build_app
+from tpaserve.args import ServerArgs
 
 EXAMPLES = int(os.environ.get("TPASERVE_FUZZ_EXAMPLES") or 40)
 SEED = os.environ.get("TPASERVE_FUZZ_SEED")
@@ -78,7 +79,8 @@ def schema(checkpoint):
     # room for n = 128 sequences at once: the soak, not the fuzzer, exercises preemption
     llm = make_async_llm(checkpoint, num_blocks=128 * CONTEXT // 16, block_size=16,
                          max_model_len=CONTEXT, max_num_seqs=128)
-    app = build_app(llm, MODEL_NAME, api_key=API_KEY, max_request_body_bytes=256 * 1024)
+    app = build_app(llm, MODEL_NAME, ServerArgs(api_key=API_KEY,
+                                               max_request_body_bytes=256 * 1024))
     loaded = schemathesis.openapi.from_asgi("/openapi.json", app,
                                             headers={"Authorization": f"Bearer {API_KEY}"})
     try:

@@ -18,6 +18,7 @@ from tpaserve.api.engine_client import (
     final_output,
     merge_streams,
     new_request_id,
+    off_loop,
     open_streams,
     until_disconnect,
 )
@@ -77,8 +78,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     client: EngineClient = request.app.state.client
     model = client.check_model(body.model)
     _check_unsupported(body)
-    ids = encode_chat(client.tokenizer, body.messages, body.add_generation_prompt,
-                      body.add_special_tokens)
+    ids = await off_loop(encode_chat, client.tokenizer_for("messages"), body.messages,
+                         body.add_generation_prompt, body.add_special_tokens)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens
     try:
@@ -90,6 +91,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
                 if body.max_completion_tokens is not None else "max_tokens"}.get(e.param, e.param)
         raise bad_request(sent + str(e).removeprefix(e.param), sent) from e
     params = with_structured_outputs(params, body)
+    client.check_sequences(params.n)
     rid = new_request_id("chatcmpl")
     stream = client.generate(rid, ids, params, body.priority)
     if body.stream:

@@ -137,23 +137,11 @@ def main(argv: list[str] | None = None) -> None:
                 "es" if n_api > 1 else "")
     if n_api > 1:
         from tpaserve.api.workers import serve_with_workers
-        sys.exit(serve_with_workers(engine_args, server_args, config, core, sock, names,
-                                    str(model_dir)))
+        sys.exit(serve_with_workers(engine_args, server_args, config, core, sock, names))
 
-    import uvicorn
-
-    from tpaserve.api.server import build_app
-    from tpaserve.api.shutdown import DrainingServer
+    from tpaserve.api.shutdown import make_server
     from tpaserve.frontend.async_llm import AsyncLLM
-    llm = AsyncLLM(config, tokenizer, core=core)
-    app = build_app(llm, names, model_root=str(model_dir),
-                    api_key=server_args.api_key,
-                    max_request_body_bytes=server_args.max_request_body_bytes)
-    uv_config = uvicorn.Config(app, log_level=server_args.log_level, lifespan="on",
-                               timeout_graceful_shutdown=server_args.graceful_shutdown_timeout,
-                               log_config=None)
-    server = DrainingServer(uv_config, app, llm)
-    app.state.on_engine_dead = server.engine_died
+    server = make_server(AsyncLLM(config, tokenizer, core=core), names, server_args)
     server.run(sockets=[sock])
     if server.exit_code:
         sys.exit(server.exit_code)

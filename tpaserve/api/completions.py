@@ -23,6 +23,7 @@ from tpaserve.api.engine_client import (
     gather_all,
     merge_streams,
     new_request_id,
+    off_loop,
     open_streams,
     until_disconnect,
 )
@@ -88,11 +89,12 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     client: EngineClient = request.app.state.client
     model = client.check_model(body.model)
     _check_unsupported(body)
-    prompts = _prompts(client, body)
+    prompts = await off_loop(_prompts, client, body)
     params = body.sampling_params(
         body.max_tokens, body.logprobs,
         prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)
     params = with_structured_outputs(params, body)
+    client.check_sequences(len(prompts) * params.n, "n" if len(prompts) == 1 else "prompt")
     rid = new_request_id("cmpl")
     streams = [client.generate(f"{rid}-{i}" if len(prompts) > 1 else rid, p.ids, params,
                                body.priority) for i, p in enumerate(prompts)]

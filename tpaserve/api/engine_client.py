@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import TypeVar
 
 from starlette.requests import Request
 
@@ -27,13 +28,23 @@ from tpaserve.frontend.metrics import EngineMetrics
 from tpaserve.frontend.outputs import RequestOutput
 from tpaserve.sampling_params import SamplingParams
 
+T = TypeVar("T")
+
+
+# A text longer than this many characters per token of the context is refused before it
+# is tokenized (--max-prompt-chars overrides): no tokenizer here averages more than a few
+# characters a token, so such a prompt could only be refused for its length afterwards.
+CHARS_PER_TOKEN_BOUND = 32
+DEFAULT_MAX_REQUEST_SEQUENCES = 256
+
 
 @dataclass
 class EngineClient:
     llm: AsyncLLM
     model_names: list[str]        # responses carry the name asked for; the first by default
-    model_root: str | None
     metrics: EngineMetrics | None = None
+    max_prompt_chars: int | None = None         # None: CHARS_PER_TOKEN_BOUND x context
+    max_request_sequences: int = DEFAULT_MAX_REQUEST_SEQUENCES
 
     @property
     def raw_tokenizer(self):
@@ -41,12 +52,26 @@ class EngineClient:
         return self.llm.tokenizer
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> CappedTokenizer:
+        return self.tokenizer_for("prompt")
+
+    def tokenizer_for(self, param: str) -> CappedTokenizer:
+        """The tokenizer, refusing texts over the character cap (400 naming `param`)."""
         tok = self.llm.tokenizer
         if tok is None:
             raise APIError(400, "this server has no tokenizer: text prompts, chat and "
                                 "tokenization are unavailable; send token ids")
-        return tok
+        cap = self.max_prompt_chars or CHARS_PER_TOKEN_BOUND * self.max_model_len
+        return CappedTokenizer(tok, cap, param)
+
+    def check_sequences(self, count: int, param: str = "n") -> None:
+        """One request's sequences (prompts x n): at most --max-request-sequences, and no
+        more than the queue can ever hold."""
+        if count > self.max_request_sequences:
+            raise bad_request(f"the request asks for {count} sequences (prompts x n), over "
+                              f"this server's limit of {self.max_request_sequences} "
+                              f"(--max-request-sequences); split it", param)
+        self.llm.check_sequences(count, param)
 
     @property
     def max_model_len(self) -> int:
@@ -85,6 +110,31 @@ class EngineClient:
                 if out.error is not None:
                     raise APIError(500, out.error.message, code="engine_error")
                 yield out
+
+
+class CappedTokenizer:
+    """A tokenizer whose encode() refuses a text over `max_chars` before any work. Call it
+    through `off_loop`: a long text takes tens of milliseconds to tokenize, and the
+    sentencepiece and HF tokenizers let the event loop run meanwhile (they drop the GIL)."""
+
+    def __init__(self, tok, max_chars: int, param: str):
+        self._tok, self.max_chars, self.param = tok, max_chars, param
+
+    def __getattr__(self, name: str):
+        return getattr(self._tok, name)
+
+    def encode(self, text: str, **kw) -> list[int]:
+        if len(text) > self.max_chars:
+            raise bad_request(f"{self.param}: the text is {len(text)} characters, over this "
+                              f"server's limit of {self.max_chars} (--max-prompt-chars)",
+                              self.param)
+        return self._tok.encode(text, **kw)
+
+
+async def off_loop(fn: Callable[..., T], *args) -> T:
+    """fn(*args) in a worker thread: tokenization and template rendering, so one long
+    prompt never stalls the other streams or /health."""
+    return await asyncio.to_thread(fn, *args)
 
 
 def new_request_id(prefix: str) -> str:

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from tpaserve.api.json_depth import check_depth
 from tpaserve.api.protocol import ErrorResponse
 from tpaserve.exceptions import (
     ChatTemplateError,
@@ -28,6 +29,7 @@ from tpaserve.exceptions import (
     QueueFull,
     RequestRejected,
     SamplingParamsError,
+    ServerShuttingDown,
 )
 
 logger = logging.getLogger("tpaserve.api")
@@ -40,6 +42,7 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     499: "client_disconnected",
@@ -115,6 +118,8 @@ def to_api_error(exc: BaseException) -> APIError:
                         headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc), code="engine_dead")
+    if isinstance(exc, ServerShuttingDown):
+        return APIError(503, str(exc), code="shutting_down")
     if isinstance(exc, RequestValidationError):
         return _validation_error(exc)
     if isinstance(exc, StarletteHTTPException):
@@ -166,6 +171,9 @@ def _loc_to_param(loc: list) -> str:
     return out
 
 
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
 class OpenAIRoute(APIRoute):
     """Route class whose handler turns every exception (validation included) into an OpenAI
     error response, so nothing reaches Starlette's traceback-logging 500 path."""
@@ -175,6 +183,13 @@ class OpenAIRoute(APIRoute):
 
         async def handle(request: Request) -> Response:
             try:
+                if request.method in _BODY_METHODS and await request.body():
+                    try:
+                        value = await request.json()      # cached: FastAPI parses it no more
+                    except (ValueError, RecursionError):
+                        pass                              # FastAPI's parse says why: a 400
+                    else:
+                        check_depth(value)                # before anything recurses into it
                 return await handler(request)
             except Exception as exc:                 # noqa: BLE001 - rendered, 500s logged
                 return to_api_error(exc).response()

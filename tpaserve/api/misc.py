@@ -18,7 +18,9 @@ def _json(model) -> Response:
 
 
 def _card(client: EngineClient, name: str) -> ModelCard:
-    return ModelCard(id=name, root=client.model_root, max_model_len=client.max_model_len)
+    # root is the served name, as vLLM's: the checkpoint's path on this machine is nobody's
+    # business over HTTP
+    return ModelCard(id=name, root=name, max_model_len=client.max_model_len)
 
 
 @router.get("/v1/models", response_model=ModelList, responses=error_responses(401))

@@ -29,6 +29,8 @@ from tpaserve.sampling_params import (
     MAX_LOGPROBS,
     MAX_N,
     MAX_PENALTY,
+    MAX_TEMPERATURE,
+    REPETITION_PENALTY_RANGE,
     SEED_RANGE,
     SamplingParams,
 )
@@ -80,7 +82,7 @@ class SamplingRequest(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions. None means the default."""
     model: str | None = None
     n: int | None = _doc(minimum=1, maximum=MAX_N)
-    temperature: float | None = _doc(minimum=0)
+    temperature: float | None = _doc(minimum=0, maximum=MAX_TEMPERATURE)
     top_p: float | None = _doc(exclusiveMinimum=0, maximum=1)
     top_k: int | None = _doc(minimum=-1)
     min_p: float | None = _doc(minimum=0, maximum=1)
@@ -89,7 +91,8 @@ class SamplingRequest(_Request):
     stop_token_ids: list[int] | None = _doc(items={"type": "integer", "minimum": 0})
     presence_penalty: float | None = _doc(minimum=-MAX_PENALTY, maximum=MAX_PENALTY)
     frequency_penalty: float | None = _doc(minimum=-MAX_PENALTY, maximum=MAX_PENALTY)
-    repetition_penalty: float | None = _doc(exclusiveMinimum=0)
+    repetition_penalty: float | None = _doc(minimum=REPETITION_PENALTY_RANGE[0],
+                                            maximum=REPETITION_PENALTY_RANGE[1])
     logit_bias: dict[str, float] | None = _doc(additionalProperties={
         "type": "number", "minimum": -MAX_LOGIT_BIAS, "maximum": MAX_LOGIT_BIAS})
     min_tokens: int | None = _doc(minimum=0)
@@ -97,7 +100,8 @@ class SamplingRequest(_Request):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     user: str | None = None
-    priority: int = 0
+    # vLLM's: lower runs first; only with --scheduling-policy priority (fcfs: 400 unless 0)
+    priority: int = _doc(0, minimum=-2**31, maximum=2**31 - 1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     # structured outputs, checked and mapped in api/structured.py (at most one of these)

@@ -2,8 +2,8 @@
 ready (AsyncLLM.wait_ready).
 
 Request path, outside in: HTTP metrics (every response, by route template and status) ->
-API-key check (everything but /health, /metrics, /version) -> body-size limit -> FastAPI
-routing -> endpoint (OpenAIRoute renders every error). The AsyncLLM connects to its core
+API-key check (everything but /health, /metrics, /version, /dashboard) -> body-size limit ->
+FastAPI routing -> endpoint (OpenAIRoute renders every error). The AsyncLLM connects to its core
 in the lifespan (it needs the running event loop) and stops the core after uvicorn has
 drained the in-flight requests, it disconnects; the AsyncLLM's owner (the CLI) stops the
 core after that. If the core dies, `app.state.on_engine_dead` (set by the CLI's server) is
@@ -11,6 +11,7 @@ called: the server exits non-zero for its supervisor to restart it.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from contextlib import asynccontextmanager
@@ -21,21 +22,24 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import tpaserve
-from tpaserve.api import chat, completions, misc, tokenize
+from tpaserve.api import chat, completions, dashboard, misc, tokenize
 from tpaserve.api.engine_client import EngineClient
 from tpaserve.api.errors import APIError, install
+from tpaserve.args import ServerArgs
 from tpaserve.frontend.async_llm import AsyncLLM
 from tpaserve.frontend.metrics import HTTP_REQUESTS, EngineMetrics
 
 logger = logging.getLogger("tpaserve.api")
 
-DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 2**20
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+# the status page is open like /metrics, whose numbers it shows (a 404 if disabled)
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version"}) | dashboard.PATHS
 
 
-def build_app(llm: AsyncLLM, model_names: list[str] | str = "t6", *,
-              model_root: str | None = None, api_key: str | None = None,
-              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> FastAPI:
+def build_app(llm: AsyncLLM, model_names: list[str] | str = "t6",
+              args: ServerArgs | None = None) -> FastAPI:
+    """The app over `llm`; `args`: the server's limits, key and pages (ServerArgs' defaults
+    if None; host, port and the process flags are not read here)."""
+    args = args or ServerArgs()
     names = [model_names] if isinstance(model_names, str) else list(model_names)
     if not names:
         raise ValueError("model_names must name at least one model")
@@ -55,16 +59,21 @@ def build_app(llm: AsyncLLM, model_names: list[str] | str = "t6", *,
             await llm.disconnect()        # its owner (the CLI) stops the core
 
     app = FastAPI(title="tpaserve", version=tpaserve.__version__, lifespan=lifespan)
-    app.state.client = EngineClient(llm, names, model_root)      # 503s until the lifespan
+    app.state.client = EngineClient(                  # 503s until the lifespan
+        llm, names, max_prompt_chars=args.max_prompt_chars,
+        max_request_sequences=args.max_request_sequences)
     routers = [completions.router, chat.router, misc.router, tokenize.router]
+    if not args.disable_dashboard:
+        routers.append(dashboard.router)
     for router in routers:
         app.include_router(router)
     install(app)
     # add_middleware puts each one outside the previous: the key is checked first, so an
     # unauthenticated client cannot make the server buffer a body
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_body_bytes)
-    if api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=args.max_request_body_bytes,
+                       timeout=args.request_body_timeout)
+    if args.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=args.api_key)
         _document_bearer_auth(app)
     # outermost: 401s and 413s are counted too
     app.add_middleware(HTTPMetricsMiddleware, model_name=names[0],
@@ -90,6 +99,11 @@ def _document_bearer_auth(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi
+
+
+# Every label value comes from a closed set, so no client can grow /metrics: methods outside
+# these are counted as "other", paths by route template, statuses are the server's own.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
 class HTTPMetricsMiddleware:
@@ -118,10 +132,12 @@ class HTTPMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         route = self._route(scope)
+        # the method is the client's text too (h11 takes any token): a closed set
+        method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                HTTP_REQUESTS.labels(model_name=self.model_name, method=scope["method"],
+                HTTP_REQUESTS.labels(model_name=self.model_name, method=method,
                                      route=route, status=str(message["status"])).inc()
             await send(message)
 
@@ -150,15 +166,17 @@ class APIKeyMiddleware:
 
 class BodyLimitMiddleware:
     """413 for a body over `max_bytes`, counted while it is read (a client may send no
-    Content-Length, or a false one). The body is read whole here, then replayed to the app;
-    later receive() calls go to the server, so disconnects are still seen.
+    Content-Length, or a false one); 408 and a closed connection for a body that sends
+    nothing for `timeout` seconds (a stalled upload would hold its connection and buffer
+    forever). The body is read whole here, then replayed to the app; later receive() calls
+    go to the server, so disconnects are still seen.
 
     Not Starlette's RequestBodyLimitMiddleware: when Content-Length is over the limit it
     replaces the error response with a plain-text one, and every error here must be an
     OpenAI error body."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -170,7 +188,14 @@ class BodyLimitMiddleware:
             return
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except asyncio.TimeoutError:
+                err = APIError(408, f"the request body stopped arriving: nothing for "
+                                    f"{self.timeout:g} s (--request-body-timeout)",
+                               code="request_timeout", headers={"Connection": "close"})
+                await err.response()(scope, receive, send)
+                return
             if message["type"] != "http.request":      # disconnected while sending
                 return
             chunk = message.get("body", b"")

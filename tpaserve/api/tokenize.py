@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from tpaserve.api.chat import encode_chat
-from tpaserve.api.engine_client import EngineClient
+from tpaserve.api.engine_client import EngineClient, off_loop
 from tpaserve.api.errors import OpenAIRoute, bad_request, error_responses
 from tpaserve.api.protocol import (
     DetokenizeRequest,
@@ -32,9 +32,11 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Response:
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of prompt (text) and messages (chat)", "prompt")
     if body.prompt is not None:
-        ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+        ids = await off_loop(lambda: tok.encode(
+            body.prompt, add_special_tokens=body.add_special_tokens is not False))
     else:
-        ids = encode_chat(tok, body.messages, body.add_generation_prompt, body.add_special_tokens)
+        ids = await off_loop(encode_chat, client.tokenizer_for("messages"), body.messages,
+                             body.add_generation_prompt, body.add_special_tokens)
     return _json(TokenizeResponse(
         count=len(ids), max_model_len=client.max_model_len, tokens=ids,
         token_strs=tok.convert_ids_to_tokens(ids) if body.return_token_strs else None))
@@ -62,7 +64,7 @@ async def tokenizer_info(request: Request) -> Response:
 
     return Response(json.dumps({
         "tokenizer_class": type(tok).__name__,
-        "name_or_path": tok.name_or_path,
+        "name_or_path": client.model_names[0],      # the served name, never a path
         "vocab_size": tok.vocab_size,
         "model_max_length": client.max_model_len,
         "bos_token": name(tok.bos_token_id), "bos_token_id": tok.bos_token_id,

@@ -37,13 +37,13 @@ logger = logging.getLogger("tpaserve")
 
 
 def serve_with_workers(engine_args, server_args, config, core, sock: socket.socket,
-                       names: list[str], model_dir: str) -> int:
+                       names: list[str]) -> int:
     """Start the API processes over a ready core (a CoreProcess for len(outputs) clients),
     supervise them; returns the exit status."""
     ctx = multiprocessing.get_context("spawn")
     n = len(core.addresses.outputs)
     workers = [ctx.Process(target=run_api_worker, name=f"tpaserve-api-{i}", args=(
-        i, engine_args, server_args, names, model_dir, core.addresses, core.pid, core.info,
+        i, engine_args, server_args, names, core.addresses, core.pid, core.info,
         sock)) for i in range(n)]
     for w in workers:
         w.start()
@@ -102,30 +102,21 @@ def _terminate(workers: list) -> None:
             os.kill(w.pid, signal.SIGTERM)
 
 
-def run_api_worker(index: int, engine_args, server_args, names: list[str], model_dir: str,
+def run_api_worker(index: int, engine_args, server_args, names: list[str],
                    addresses, core_pid: int, info, sock: socket.socket) -> None:
     """API process `index`: a whole server, frontend `index` of the core."""
     logging.basicConfig(level=server_args.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s %(name)s [api {index}]: %(message)s")
     parent = multiprocessing.parent_process()
     threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), daemon=True).start()
-    import uvicorn
-
-    from tpaserve.api.server import build_app
-    from tpaserve.api.shutdown import DrainingServer
+    from tpaserve.api.shutdown import make_server
     from tpaserve.frontend.async_llm import AsyncLLM
     from tpaserve.frontend.core_client import AttachedCore
     tokenizer = engine_args.load_tokenizer()
     config = engine_args.create_engine_config(tokenizer)
     llm = AsyncLLM(config, tokenizer, core=AttachedCore(addresses, core_pid, info),
                    client_index=index)
-    app = build_app(llm, names, model_root=model_dir, api_key=server_args.api_key,
-                    max_request_body_bytes=server_args.max_request_body_bytes)
-    uv_config = uvicorn.Config(app, log_level=server_args.log_level, lifespan="on",
-                               timeout_graceful_shutdown=server_args.graceful_shutdown_timeout,
-                               log_config=None)
-    server = DrainingServer(uv_config, app, llm, ignore_sigint=True)
-    app.state.on_engine_dead = server.engine_died
+    server = make_server(llm, names, server_args, ignore_sigint=True)
     server.run(sockets=[sock])
     sys.exit(server.exit_code or (0 if server.started else 1))
 

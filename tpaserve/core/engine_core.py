@@ -23,6 +23,7 @@ import logging
 import os
 import time
 
+import msgspec
 import torch
 
 from tpaserve.config import EngineConfig
@@ -152,7 +153,9 @@ class EngineCore:
             bytes_per_token=s.bytes_per_token, mha_bytes_per_token=s.mha_bytes_per_token,
             n_layer=s.n_layer, n_head=s.n_head, head_dim=s.head_dim, k_rank=s.k_rank,
             v_rank=s.v_rank, mha_heads=s.mha_heads,
-            cache_summary=s.summary(self.blocks.num_blocks), pid=os.getpid())
+            cache_summary=s.summary(self.blocks.num_blocks), pid=os.getpid(),
+            scheduling_policy=c.scheduler.scheduling_policy,
+            max_queued_requests=c.scheduler.max_queued_requests)
 
     # ---- requests --------------------------------------------------------------------------
     def add_requests(self, reqs: list[EngineCoreRequest]) -> list[EngineCoreOutput]:
@@ -244,6 +247,8 @@ class EngineCore:
         self._wait += t2 - t1
         self.consecutive_failures = 0
         outs = self.scheduler.update(sched, result)
+        if result.nonfinite:
+            outs = self._fail_nonfinite(outs, result.nonfinite)
         if sched.grammar_bitmask is not None:
             self.grammars.accept(outs, self.scheduler.requests)
         durations, tokens, seqs = self._steps
@@ -257,6 +262,23 @@ class EngineCore:
         tokens.append(sched.num_tokens)
         seqs.append(len(sched.requests))
         return outs
+
+    def _fail_nonfinite(self, outs: list[EngineCoreOutput], request_ids: list[str]
+                        ) -> list[EngineCoreOutput]:
+        """Requests whose logits were NaN or +inf end with an error, keeping the tokens that
+        came before (the sampler marks such rows, runner/sampler.NONFINITE, and the runner
+        cuts them there): their outputs of this step carry the error."""
+        logger.error("non-finite logits for %d request(s): ending them", len(request_ids))
+        err = RequestError("step_failed", "the model's logits for this request were not "
+                                          "finite (NaN or infinity); it was stopped")
+        failed = {rid for rid in request_ids
+                  if self.scheduler.finish(rid, RequestStatus.FINISHED_ERROR)}
+        out = [msgspec.structs.replace(o, finish_reason="error", error=err)
+               if o.request_id in failed else o for o in outs]
+        seen = {o.request_id for o in outs}
+        out += [EngineCoreOutput(rid, finish_reason="error", error=err)
+                for rid in failed - seen]
+        return out
 
     def _fail_step(self, sched: SchedulerOutput, exc: Exception) -> list[EngineCoreOutput]:
         """A step raised: the requests in it fail (their clients get an error), the rest of

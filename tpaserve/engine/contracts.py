@@ -94,3 +94,6 @@ class RunnerOutput:
     # request id -> logprob entries of prompt tokens at consecutive positions, starting at
     # ScheduledRequest.prompt_logprobs_from (entry for position p scores token p given < p)
     prompt_logprobs: dict[str, list[Logprob]] = field(default_factory=dict)
+    # requests whose logits were not finite (NaN, +inf) at some sample: `sampled` holds
+    # only what came before it, and the request must end with an error
+    nonfinite: list[str] = field(default_factory=list)

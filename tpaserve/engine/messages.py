@@ -118,6 +118,9 @@ class EngineInfo(msgspec.Struct, omit_defaults=True):
     mha_heads: int
     cache_summary: str
     pid: int = 0
+    # admission, checked in the frontend before a request is sent
+    scheduling_policy: str = "fcfs"
+    max_queued_requests: int | None = None
 
     @property
     def bytes_per_block(self) -> int:

@@ -94,6 +94,32 @@ def check_request(prompt_token_ids: list[int], params, *, vocab_size: int, max_m
     return max_tokens
 
 
+PRIORITY_RANGE = (-2**31, 2**31 - 1)
+
+
+def check_priority(priority: int, policy: str) -> None:
+    """A request's priority under the server's --scheduling-policy."""
+    if policy == "fcfs" and priority != 0:
+        raise RequestRejected(f"priority {priority} is not accepted: this server schedules "
+                              f"first come first served (--scheduling-policy fcfs); send 0 "
+                              f"or leave it out", "priority")
+    if not PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]:
+        raise RequestRejected(f"priority must be in [{PRIORITY_RANGE[0]}, "
+                              f"{PRIORITY_RANGE[1]}], got {priority}", "priority")
+
+
+def check_sequences(count: int, max_queued_requests: int | None,
+                    param: str = "n") -> None:
+    """A request of `count` sequences (prompts x n) against the queue's bound: more than
+    the bound could never be admitted (all of a request's sequences queue together), so it
+    is a 400, not a 503 to retry forever."""
+    if max_queued_requests is not None and count > max_queued_requests:
+        raise RequestRejected(
+            f"the request has {count} sequences but this server queues at most "
+            f"{max_queued_requests} (--max-queued-requests); it could never be admitted",
+            param)
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager, max_model_len: int):
         self.config, self.blocks, self.max_model_len = config, blocks, max_model_len
@@ -115,17 +141,15 @@ class Scheduler:
         """Admit one client request's sequences, all or none. Raises RequestRejected (never
         fits, duplicate id) or QueueFull (the waiting queue is at its bound)."""
         for req in reqs:
+            check_priority(req.priority, self.config.scheduling_policy)
             if req.request_id in self.requests:
                 raise RequestRejected(f"request id {req.request_id!r} is already in flight",
                                       "request_id")
             check_admissible(req.num_prompt_tokens, req.max_tokens, self.max_model_len,
                              self.blocks.num_blocks, self.blocks.block_size)
         cap = self.config.max_queued_requests
+        check_sequences(len(reqs), cap)
         if cap is not None:
-            if len(reqs) > cap:
-                raise RequestRejected(
-                    f"the request has {len(reqs)} sequences but this server queues at most "
-                    f"{cap} (--max-queued-requests); it could never be admitted", "n")
             if len(self.waiting) + len(reqs) > cap:
                 raise QueueFull(f"the queue is full ({len(self.waiting)} sequences waiting, "
                                 f"bound {cap}); retry later")

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 
 from tpaserve.config import EngineConfig
 from tpaserve.engine.messages import CoreDead, EngineInfo, RequestError, SchedulerStats
-from tpaserve.engine.scheduler import check_request
+from tpaserve.engine.scheduler import check_priority, check_request, check_sequences
 from tpaserve.exceptions import EngineDeadError, QueueFull, RequestRejected
 from tpaserve.frontend.core_client import AsyncMPClient, CoreProcess
 from tpaserve.frontend.output_processor import OutputProcessor
@@ -110,6 +110,11 @@ class AsyncLLM:
         self.core.stop(timeout)
 
     # ---- requests ------------------------------------------------------------------------
+    def check_sequences(self, count: int, param: str = "n") -> None:
+        """RequestRejected if a client request of `count` sequences (its prompts x n) could
+        never be admitted under the queue's bound."""
+        check_sequences(count, self.info.max_queued_requests, param)
+
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams, priority: int = 0
                        ) -> AsyncIterator[RequestOutput]:
@@ -123,6 +128,8 @@ class AsyncLLM:
         check_request(prompt_token_ids, params, vocab_size=info.vocab_size,
                       max_model_len=info.max_model_len, num_blocks=info.num_blocks,
                       block_size=info.block_size)
+        check_priority(priority, info.scheduling_policy)
+        check_sequences(params.n, info.max_queued_requests)
         if self._client is None:
             raise EngineDeadError("the engine is not connected")
         reqs = self.processor.add_request(request_id, prompt_token_ids, params,
@@ -152,6 +159,13 @@ class AsyncLLM:
             self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+
+    def fail_all(self, exc: BaseException) -> int:
+        """End every open request with `exc` (raised from its stream; its sequences are
+        aborted in the core). The server's drain deadline. Returns how many there were."""
+        for stream in self._streams.values():
+            stream.put_nowait(exc)
+        return len(self._streams)
 
     def abort(self, request_id: str) -> None:
         seqs = self.processor.abort_request(request_id)

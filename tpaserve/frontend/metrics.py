@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import time
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -111,6 +112,13 @@ CACHE_CONFIG_INFO = _gauge(
     "tpaserve:cache_config_info", "The factor cache's configuration, in labels (value 1).",
     LABELS + ["block_size", "num_blocks", "dtype", "num_layers", "num_heads", "head_dim",
               "k_rank", "v_rank", "mha_equivalent_heads", "enable_prefix_caching"])
+
+# ---- the server ---------------------------------------------------------------------------
+# Uptime for /dashboard (now - start) without the process collector, which multiprocess mode
+# drops. Several API processes: the earliest live start.
+SERVER_START_TIME = Gauge(
+    "tpaserve:server_start_time_seconds", "Unix time at which this server's app started "
+    "serving (its metrics were set up).", LABELS, multiprocess_mode="livemin")
 
 # ---- tokens and requests (counters, from the step thread) --------------------------------
 PROMPT_TOKENS = Counter(
@@ -238,6 +246,7 @@ class EngineMetrics:
         """What does not change while the engine lives: sizes and configuration."""
         info, name = self.info, self.model_name
         n = info.num_blocks
+        SERVER_START_TIME.labels(name).set(time.time())
         FACTOR_CACHE_BLOCKS_TOTAL.labels(name).set(n)
         FACTOR_CACHE_BYTES_TOTAL.labels(name).set(n * info.bytes_per_block)
         FACTOR_CACHE_BYTES_PER_TOKEN.labels(name).set(info.bytes_per_token)

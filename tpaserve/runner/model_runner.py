@@ -63,6 +63,11 @@ class PendingOutput:
             toks = self.samples.tolist()
             for j, (rid, k) in enumerate(zip(self.request_ids, self.num_steps)):
                 out.sampled[rid] = [toks[t][j] for t in range(k)]
+            if bool((self.samples < 0).any()):        # Sampler.NONFINITE: rare, so scan then
+                for rid, ids in out.sampled.items():
+                    if any(t < 0 for t in ids):
+                        out.sampled[rid] = ids[:next(i for i, t in enumerate(ids) if t < 0)]
+                        out.nonfinite.append(rid)
         if self.logprob_rows is not None:
             entries = self.logprob_rows.to_lists()
             for (rid, row, top), (chosen, best) in zip(self.logprobs, entries):
@@ -204,7 +209,8 @@ class _Step:
         if want:                                   # single steps only (no round has them)
             top = max(rows[j].params.logprobs for j in want)
             idx = to_device(want, torch.int64, r.device)
-            pending.logprob_rows = LogprobsOnDevice(logits[idx], samples[0][idx], top,
+            chosen = samples[0][idx].clamp_min(0)                           # NONFINITE -> 0
+            pending.logprob_rows = LogprobsOnDevice(logits[idx], chosen, top,
                                                     vocab_size=r.sampler.vocab_size)
             pending.logprob_rows.to_host()
             pending.logprobs = [(reqs[self.sampling[j]].request_id, j, rows[j].params.logprobs)
@@ -214,11 +220,14 @@ class _Step:
         toks = torch.stack(samples) if len(samples) > 1 else samples[0][None]  # (K, S)
         last_t = self.steps[self.sampling] - 1
         rows_dev = to_device(self.rows[self.sampling], torch.int64, r.device)
+        # a NONFINITE row's next input is a valid id (its request is ended when the host
+        # reads this step; a step already planned may still run it)
         if (last_t == 0).all():
-            r.last_sampled[rows_dev] = toks[0]
+            r.last_sampled[rows_dev] = toks[0].clamp_min(0)
         else:
             r.last_sampled[rows_dev] = toks[to_device(last_t, torch.int64, r.device),
-                                            torch.arange(len(rows), device=r.device)]
+                                            torch.arange(len(rows), device=r.device)
+                                            ].clamp_min(0)
         host = torch.empty(toks.shape, dtype=torch.int64, pin_memory=toks.is_cuda)
         host.copy_(toks, non_blocking=True)
         pending.samples = host
@@ -247,7 +256,7 @@ class _Step:
         ctx = g.context_class(int(lens.max())) if b is not None else None
         out = []
         for s in range(K - 1):
-            buf.input_ids[:B].copy_(ids)
+            buf.input_ids[:B].copy_(ids.clamp_min(0))         # NONFINITE: see _sample
             buf.positions[:width].copy_(dev[0, s])
             buf.slot_mapping[:width].copy_(dev[1, s])
             buf.seq_lens[:width].copy_(dev[2, s])

@@ -202,11 +202,16 @@ class Sampler:
         if meta.has_processors:
             x = self.process(x, meta.rows)
         if meta.all_greedy:
-            return x.argmax(dim=-1)
-        tokens = self._sample(x, meta, live)
-        if meta.any_greedy:
-            tokens = torch.where(meta.greedy, x.argmax(dim=-1), tokens)
-        return tokens
+            tokens = x.argmax(dim=-1)
+        else:
+            tokens = self._sample(x, meta, live)
+            if meta.any_greedy:
+                tokens = torch.where(meta.greedy, x.argmax(dim=-1), tokens)
+        # NaN or +inf anywhere in a row makes its draw meaningless (softmax -> NaN, and
+        # argmax picks a NaN): such a row gets NONFINITE, never a token. -inf is a mask.
+        # One pass: a row's max is NaN if it holds a NaN (max propagates it), inf if +inf.
+        broken = ~(x.amax(dim=-1) < float("inf"))                            # (B,)
+        return tokens.masked_fill(broken, NONFINITE)
 
     def process(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """The logit processors before greedy/temperature: logit_bias, min_tokens,
@@ -302,6 +307,9 @@ class Sampler:
                 q[i].exponential_(generator=g)   # torch rejects a generator on another device
         # q == 0 would turn a zero probability into 0/0 = NaN, which argmax would pick.
         return q.clamp_min_(torch.finfo(q.dtype).tiny)
+
+
+NONFINITE = -1        # the id of a row whose logits were not finite (see sample_ids)
 
 
 def _has_processors(row: SamplingRow) -> bool:
