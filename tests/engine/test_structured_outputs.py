@@ -13,6 +13,8 @@ import jsonschema
 import pytest
 
 from tests.engine.test_engine_e2e import assert_drained, make_model, run, spm_tokenizer
+from tpaserve.engine.contracts import RunnerOutput
+from tpaserve.engine.request import RequestStatus
 from tpaserve.exceptions import SamplingParamsError
 from tpaserve.frontend.llm_engine import build_engine
 from tpaserve.sampling_params import SamplingParams, StructuredOutputsParams
@@ -148,3 +150,49 @@ def test_an_engine_without_a_tokenizer_refuses_constrained_requests(tok_model):
         eng.add_request("x", [1, 2, 3], SamplingParams(structured_outputs=_so(choice=["a"])))
     assert_drained(eng)
 
+
+
+def test_a_request_whose_grammar_compiles_is_passed_over_not_waited_for():
+    """Scheduler alone (pure Python): a waiting request whose grammar is not ready stays
+    queued while the requests behind it run; once ready it is scheduled, and while it lives
+    the core must step synchronously and no round forms."""
+    from tests.engine.test_scheduler import make, req
+
+    class Pending:
+        ready = False
+    s, bm = make(steps=4)
+    slow = req("slow", [1, 2, 3], structured_outputs=_so(choice=["a"]))
+    slow.grammar = Pending()
+    s.add_requests([slow])
+    s.add_requests([req("fast", [4, 5, 6])])
+    assert s.num_constrained == 1 and s.needs_history
+    out = s.schedule()
+    assert [r.request_id for r in out.requests] == ["fast"] and s.waiting == [slow]
+    slow.grammar.ready = True
+    s.update(out, RunnerOutput(sampled={"fast": [7]}))
+    out = s.schedule()
+    assert {r.request_id for r in out.requests} == {"fast", "slow"}
+    assert out.num_steps == 1                       # no round while a grammar is live
+    s.finish("slow", RequestStatus.FINISHED_ABORTED)
+    s.finish("fast", RequestStatus.FINISHED_ABORTED)
+    assert s.num_constrained == 0 and not s.needs_history and bm.num_free == bm.num_blocks
+
+
+def test_bitmask_sets_exactly_the_disallowed_logits_to_minus_inf():
+    """Bit t % 32 of word t // 32; a vocabulary that is not a multiple of 32 and logits
+    padded past it; an all-ones (-1) row is untouched."""
+    import numpy as np
+    import torch
+
+    from tpaserve.runner.sampler import apply_token_bitmask
+    v, pad = 77, 13                                             # W = 3 words
+    allowed = [0, 31, 32, 63, 64, 76]
+    mask = np.zeros((2, 3), np.int32)
+    for t in allowed:
+        mask.view(np.uint32)[0, t // 32] |= np.uint32(1 << (t % 32))
+    mask[1] = -1
+    logits = torch.randn(2, v + pad)
+    out = apply_token_bitmask(logits, mask)
+    finite = torch.isfinite(out[0, :v]).nonzero().flatten().tolist()
+    assert finite == allowed
+    assert torch.equal(out[1], logits[1]) and torch.equal(out[0, 96:], logits[0, 96:])

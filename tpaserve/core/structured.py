@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import os
 import threading
 
 import llguidance
@@ -38,6 +39,9 @@ from tpaserve.engine.request import Request
 logger = logging.getLogger("tpaserve.engine")
 
 COMPILE_THREADS = 2
+# threads filling one step's masks (llguidance's executor); a row costs tens of µs at an 8K
+# vocabulary, more at 50K+, so a batch of 64 constrained rows is worth spreading
+MASK_THREADS = min(8, os.cpu_count() or 1)
 # How long an idle loop waits for a compile before it looks at its sockets again.
 COMPILE_WAIT_S = 0.01
 
@@ -75,6 +79,7 @@ class Grammars:
         self._lltok: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()
         self._pending: set[cf.Future] = set()
+        self._executor: llguidance.LLExecutor | None = None
 
     def submit(self, req: Request) -> None:
         """Start compiling `req`'s grammar (params.structured_outputs already validated)."""
@@ -103,6 +108,7 @@ class Grammars:
             if self._lltok is None:
                 self._lltok = build_lltokenizer(self.tokenizer_path, self.vocab_size,
                                                 self.eos)
+                self.eos = self._lltok.eos_token      # the tokenizer's, if the config had none
             return self._lltok
 
     def bitmask(self, sched: SchedulerOutput, requests: dict[str, Request]) -> np.ndarray | None:
@@ -111,6 +117,7 @@ class Grammars:
         if not any(r.grammar is not None for r in rows):
             return None
         mask = np.full((len(rows), self.width), -1, np.int32)               # (S, W)
+        live = []
         for j, r in enumerate(rows):
             if r.grammar is not None:
                 assert r.grammar.ready, f"{r.request_id} scheduled before its grammar compiled"
@@ -119,7 +126,13 @@ class Grammars:
                     if self.eos is not None:
                         mask.view(np.uint32)[j, self.eos // 32] = 1 << (self.eos % 32)
                 else:
-                    llnp.fill_next_token_bitmask(r.grammar.matcher, mask, j)
+                    live.append((r.grammar.matcher, j))
+        if len(live) == 1:
+            llnp.fill_next_token_bitmask(live[0][0], mask, live[0][1])
+        elif live:                        # llguidance's threads, without the GIL
+            if self._executor is None:
+                self._executor = llguidance.LLExecutor(MASK_THREADS)
+            llnp.fill_next_token_bitmask_par(self._executor, live, mask)
         return mask
 
     def accept(self, outs: list[EngineCoreOutput], requests: dict[str, Request]) -> None:
