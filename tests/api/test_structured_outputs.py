@@ -82,8 +82,12 @@ def test_regex_and_choice_hold_in_every_spelling(demo_server):
         for c in out.choices:
             assert re.fullmatch(EMAIL, c.text) and c.finish_reason == "stop", (extra, c)
     for extra in ({"structured_outputs": {"choice": CHOICES}}, {"guided_choice": CHOICES}):
-        out = client.completions.create(**base, n=3, temperature=1.0, extra_body=extra)
+        out = client.completions.create(**base, n=3, temperature=1.0, extra_body=extra,
+                                        logprobs=5)
         assert all(c.text in CHOICES and c.finish_reason == "stop" for c in out.choices), out
+        # the masked distribution's logprobs: only tokens that can start a choice are listed
+        first = out.choices[0].logprobs.top_logprobs[0]
+        assert first and all(any(ch.startswith(t) for ch in CHOICES) for t in first), first
     grammar = 'start: "Dear " NAME ","\nNAME: /[A-Z][a-z]{2,7}/'
     out = client.completions.create(**base, temperature=0,
                                     extra_body={"guided_grammar": grammar})
