@@ -47,7 +47,8 @@ def parse_sse_line(line: str) -> dict | object | None:
 
 def request_body(spec: RequestSpec, model: str, endpoint: str,
                  extra: dict | None = None) -> dict:
-    """The JSON body; `extra` fields (e.g. temperature) override the defaults."""
+    """The JSON body; `extra` fields (e.g. temperature), then the spec's own, override the
+    defaults."""
     body: dict = dict(model=model, max_tokens=spec.output_len, ignore_eos=True, stream=True,
                       stream_options={"include_usage": True}, temperature=0.0)
     if endpoint == "chat":
@@ -56,7 +57,7 @@ def request_body(spec: RequestSpec, model: str, endpoint: str,
         body["messages"] = [{"role": "user", "content": spec.prompt}]
     else:
         body["prompt"] = spec.prompt
-    return body | (extra or {})
+    return body | (extra or {}) | (spec.extra or {})
 
 
 def _delivers(choice: dict) -> bool:

@@ -25,6 +25,7 @@ class RequestSpec:
     prompt: str | list[int]     # text, or token ids (completions endpoint only)
     prompt_len: int             # tokens (ids) or words (text): what the workload asked for
     output_len: int             # max_tokens, sent with ignore_eos so it is exact
+    extra: dict | None = None   # fields of this request's body (e.g. structured_outputs)
 
 
 def make_requests(num: int, input_len: int, output_len: int, *, seed: int = 0,

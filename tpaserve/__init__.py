@@ -6,7 +6,8 @@
 """
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "LLMEngine", "EngineArgs", "SamplingParams", "__version__"]
+__all__ = ["LLM", "LLMEngine", "EngineArgs", "SamplingParams", "StructuredOutputsParams",
+           "__version__"]
 
 
 def __getattr__(name: str):
@@ -24,4 +25,7 @@ def __getattr__(name: str):
     if name == "SamplingParams":
         from tpaserve.sampling_params import SamplingParams
         return SamplingParams
+    if name == "StructuredOutputsParams":
+        from tpaserve.structured_outputs import StructuredOutputsParams
+        return StructuredOutputsParams
     raise AttributeError(f"module 'tpaserve' has no attribute {name!r}")

@@ -180,7 +180,8 @@ class EngineArgs:
             device=self.device, enforce_eager=self.enforce_eager, seed=self.seed,
             async_scheduling=self.async_scheduling,
             eos_token_id=tokenizer.eos_token_id if tokenizer is not None else None,
-            vocab_size=tokenizer.vocab_size if tokenizer is not None else None)
+            vocab_size=tokenizer.vocab_size if tokenizer is not None else None,
+            tokenizer=tokenizer.name_or_path if tokenizer is not None else None)
 
     # ---- the command line ----------------------------------------------------------------
     @classmethod

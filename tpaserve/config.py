@@ -145,3 +145,6 @@ class EngineConfig:
     # vocab_size (a model's embedding is often padded beyond it); eos ends a request
     eos_token_id: int | None = None
     vocab_size: int | None = None
+    # where that tokenizer was loaded from: the core builds structured outputs' token
+    # masks from it (core/structured.py); None: constrained requests are refused
+    tokenizer: str | None = None

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tpaserve.exceptions import SamplingParamsError
+from tpaserve.structured_outputs import StructuredOutputsParams
 
-__all__ = ["SamplingParams", "SamplingParamsError"]
+__all__ = ["SamplingParams", "SamplingParamsError", "StructuredOutputsParams"]
 
 MAX_N = 128
 MAX_LOGPROBS = 20
@@ -105,6 +106,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()   # given as {token_id: bias}; stored sorted
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # constrain the output to a JSON schema, regex, choice or grammar (structured_outputs.py)
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:   # frozen: normalise through object.__setattr__
@@ -168,6 +171,10 @@ class SamplingParams:
 
         _check_bool("skip_special_tokens", self.skip_special_tokens)
         _check_bool("include_stop_str_in_output", self.include_stop_str_in_output)
+        so = self.structured_outputs
+        if so is not None and not isinstance(so, StructuredOutputsParams):
+            raise SamplingParamsError("structured_outputs", so,
+                                      "must be a StructuredOutputsParams")
 
     @property
     def greedy(self) -> bool:

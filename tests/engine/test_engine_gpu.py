@@ -2,17 +2,28 @@
 against the same engine with the torch reference ops and none of that: greedy tokens of a
 mixed prefill/decode workload must agree (fp32 weights, so that kernel rounding (tf32 dots)
 cannot flip an argmax except on near-ties). And a step never waits for the device: the
-runner's execute() runs under torch's sync debug mode set to raise."""
+runner's execute() runs under torch's sync debug mode set to raise. Structured outputs'
+masks hold there too."""
+import json
 import random
+import re
 
 import pytest
 import torch
 
+from tests.engine.test_engine_e2e import assert_drained, run
 from tpaserve.config import ModelConfig
 from tpaserve.frontend.llm_engine import build_engine
 from tpaserve.models import T6
 from tpaserve.runner.attention import TorchOps
-from tpaserve.sampling_params import SamplingParams
+from tpaserve.sampling_params import SamplingParams, StructuredOutputsParams
+
+# a bounded schema (tests/engine/test_structured_outputs.py's; the device has no jsonschema)
+SCHEMA = {"type": "object",
+          "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99},
+                         "tag": {"enum": ["red", "blue"]},
+                         "name": {"type": "string", "pattern": "^[a-z]{1,3}$"}},
+          "required": ["id", "tag", "name"], "additionalProperties": False}
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -107,3 +118,46 @@ def test_nonfinite_rows_are_marked_on_the_device(greedy):
     assert out[1] == NONFINITE and out[5] == NONFINITE
     assert out[6] == 3
     assert all(0 <= t < v for i, t in enumerate(out) if i not in (1, 5))
+
+
+def test_on_cuda_masks_hold_without_host_syncs_beside_graphs_and_rounds():
+    """t6-demo on CUDA (graphs, rounds of 8, async): constrained outputs validate, the
+    unconstrained requests get their tokens of a run without constrained ones (fp32: one
+    near-tie flip allowed, as in test_engine_gpu), and execute() never waits for the device
+    with masks in the step."""
+    kw = dict(device="cuda", dtype="float32", num_blocks=512, max_num_seqs=32)
+    eng = build_engine(None, **kw)
+    tok = eng.tokenizer
+    prompts = [tok.encode(t) for t in ("It is a truth", "Mr. Darcy", "Elizabeth said",
+                                        "The ball", "Jane", "Longbourn", "Lydia", "Pemberley")]
+    plain = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    alone = build_engine(None, **kw)
+    reqs = [(f"p{i}", p, plain) for i, p in enumerate(prompts)]
+    want = {rid: out.outputs[0].token_ids for rid, out in run(alone, reqs).items()}
+    assert alone.core.config.scheduler.num_scheduler_steps > 1 and alone.core.runner.graphs
+    yes = StructuredOutputsParams(choice=["yes"])
+    run(eng, [("w0", prompts[0], SamplingParams(max_tokens=3)),       # Triton compiles here
+              ("w1", prompts[1], SamplingParams(max_tokens=3, structured_outputs=yes))])
+    execute = eng.core.runner.execute
+
+    def strict(sched):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return execute(sched)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    eng.core.runner.execute = strict
+    schema = StructuredOutputsParams(json=SCHEMA)
+    reqs += [(f"s{i}", p, SamplingParams(max_tokens=80, temperature=0.7 * (i % 2), seed=i,
+                                         structured_outputs=schema))
+             for i, p in enumerate(prompts)]
+    done = run(eng, reqs)
+    for i in range(len(prompts)):
+        o = done[f"s{i}"].outputs[0]
+        assert o.finish_reason == "stop", o.text
+        v = json.loads(o.text)
+        assert set(v) == {"id", "tag", "name"} and 0 <= v["id"] <= 99, v
+        assert v["tag"] in ("red", "blue") and re.fullmatch("[a-z]{1,3}", v["name"]), v
+    agree = sum(done[k].outputs[0].token_ids == v for k, v in want.items())
+    assert agree >= len(prompts) - 1, f"{agree}/{len(prompts)}"
+    assert_drained(eng)

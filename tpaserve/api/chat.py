@@ -47,6 +47,7 @@ from tpaserve.api.protocol import (
     sse_response,
 )
 from tpaserve.api.request_policy import check_tools, screen
+from tpaserve.api.structured import with_structured_outputs
 from tpaserve.exceptions import SamplingParamsError
 from tpaserve.frontend.outputs import Logprob
 
@@ -112,10 +113,6 @@ def _check_unsupported(body: ChatCompletionRequest) -> None:
         if getattr(body, name) not in neutral:
             raise bad_request(f"{name}: not supported by this server, which serves "
                               f"text-only base models", name)
-    fmt = (body.response_format or {}).get("type", "text")
-    if fmt != "text":
-        raise bad_request(f"response_format {fmt!r} is not supported; only 'text' is",
-                          "response_format")
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options is only allowed when stream is true",
                           "stream_options")
@@ -148,6 +145,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         sent = {"logprobs": "top_logprobs", "max_tokens": "max_completion_tokens"
                 if body.max_completion_tokens is not None else "max_tokens"}.get(e.param, e.param)
         raise bad_request(sent + str(e).removeprefix(e.param), sent) from e
+    params = with_structured_outputs(params, body)
     client.check_sequences(params.n)
     rid = new_request_id("chatcmpl")
     stream = client.generate(rid, ids, params, body.priority or 0)

@@ -44,6 +44,7 @@ from tpaserve.api.protocol import (
     sse_response,
 )
 from tpaserve.api.request_policy import screen
+from tpaserve.api.structured import with_structured_outputs
 from tpaserve.frontend.outputs import Logprob
 
 router = APIRouter(route_class=OpenAIRoute)
@@ -110,6 +111,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     params = body.sampling_params(max_tokens, body.logprobs,
                                   prompt_logprobs=max(wanted) if wanted else None)
+    params = with_structured_outputs(params, body)
     client.check_sequences(len(prompts) * params.n, "n" if len(prompts) == 1 else "prompt")
     rid = new_request_id("cmpl")
     streams = [client.generate(f"{rid}-{i}" if len(prompts) > 1 else rid, p.ids, params,

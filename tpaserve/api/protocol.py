@@ -113,6 +113,14 @@ class SamplingRequest(_Request):
     priority: int | None = _doc(0, minimum=-2**31, maximum=2**31 - 1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    # structured outputs, checked and mapped in api/structured.py (at most one of these)
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # no effect: llguidance is the one backend
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
@@ -199,7 +207,6 @@ class ChatCompletionRequest(SamplingRequest):
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None      # no effect (no tool calls)
-    response_format: dict[str, Any] | None = None
     # OpenAI's fields that mean nothing for a base model served here: no effect
     metadata: dict[str, str] | None = None
     store: bool | None = None

@@ -13,7 +13,8 @@ Async scheduling (config.async_scheduling, on by default): at most one step is i
 so the host's work for N+1 (scheduling, block tables, input buffers) and for N's outputs
 runs while the device computes. The scheduler plans N+1 without N's samples (placeholders;
 engine/scheduler.py) and the runner feeds them on the device. While a live request samples
-from its output history (penalties, min_tokens) the core steps synchronously.
+from its output history (penalties, min_tokens) or under a grammar (structured outputs: a
+step's token mask needs the token before; core/structured.py) the core steps synchronously.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import msgspec
 import torch
 
 from tpaserve.config import EngineConfig
+from tpaserve.core.structured import Grammars
 from tpaserve.engine.block_manager import BlockManager
 from tpaserve.engine.contracts import SchedulerOutput
 from tpaserve.engine.messages import (
@@ -127,6 +129,7 @@ class EngineCore:
         self.blocks = BlockManager(num_blocks, config.cache.block_size,
                                    config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(sc, self.blocks, max_model_len)
+        self.grammars = Grammars(config.tokenizer, self.vocab_size, config.eos_token_id)
         self.async_scheduling = config.async_scheduling
         self.in_flight: tuple[SchedulerOutput, PendingOutput, float] | None = None
         self.consecutive_failures = 0
@@ -159,14 +162,17 @@ class EngineCore:
         """Admit one client request's sequences, all or none. Returns nothing, or one error
         output per sequence saying why none was admitted."""
         try:
-            self.scheduler.add_requests([self._request(r) for r in reqs])
+            admitted = [self._request(r) for r in reqs]
+            self.scheduler.add_requests(admitted)
         except (RequestRejected, SamplingParamsError, QueueFull) as exc:
             kind = "queue_full" if isinstance(exc, QueueFull) else "rejected"
             err = RequestError(kind, str(exc), getattr(exc, "param", None))
             return [EngineCoreOutput(r.request_id, finish_reason="error", error=err)
                     for r in reqs]
-        for r in reqs:
+        for r, req in zip(reqs, admitted):
             self.client_of[r.request_id] = r.client_index
+            if req.params.structured_outputs is not None:
+                self.grammars.submit(req)
         return []
 
     def _request(self, r: EngineCoreRequest) -> Request:
@@ -174,6 +180,9 @@ class EngineCore:
                                    max_model_len=self.max_model_len,
                                    num_blocks=self.blocks.num_blocks,
                                    block_size=self.blocks.block_size)
+        if r.params.structured_outputs is not None and self.config.tokenizer is None:
+            raise RequestRejected("structured outputs need the model's tokenizer, and this "
+                                  "engine was built without one", "structured_outputs")
         return Request(r.request_id, r.prompt_token_ids, r.params, max_tokens,
                        self.eos_token_id, r.priority, r.arrival_time, r.fork_of, r.client_index)
 
@@ -210,12 +219,17 @@ class EngineCore:
             return []
         sched = self.scheduler.schedule()
         try:
+            if self.scheduler.num_constrained:          # the fast path never looks further
+                mask = self.grammars.bitmask(sched, self.scheduler.requests)  # (S, W) | None
+                if mask is not None:
+                    sched = dataclasses.replace(sched, grammar_bitmask=mask)
             pending = self.runner.execute(sched)
         except Exception as exc:                       # noqa: BLE001 - reported per request
             return self._fail_step(sched, exc)
         finally:
             self._host += time.monotonic() - t0
         if not sched.requests:
+            self.grammars.wait()           # nothing runs: maybe every request's grammar compiles
             return []
         return sched, pending, t0
 
@@ -235,6 +249,8 @@ class EngineCore:
         outs = self.scheduler.update(sched, result)
         if result.nonfinite:
             outs = self._fail_nonfinite(outs, result.nonfinite)
+        if sched.grammar_bitmask is not None:
+            self.grammars.accept(outs, self.scheduler.requests)
         durations, tokens, seqs = self._steps
         # a step's time: from its schedule, or from the end of the step before when they
         # overlapped (async scheduling), to the end of its update; so the steps' times add

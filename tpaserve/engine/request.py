@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from tpaserve.sampling_params import SamplingParams
 
@@ -79,6 +80,9 @@ class Request:
     # sha256 chain of every full block of token_ids (BlockManager.hash_blocks extends it as
     # tokens append); a block enters the prefix cache once its tokens are computed
     block_hashes: list[bytes] = field(default_factory=list)
+    # a constrained request's grammar state (core/structured.py, opaque here: the scheduler
+    # reads only `.ready`, and schedules the request once it is true); None: unconstrained
+    grammar: Any = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

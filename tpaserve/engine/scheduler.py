@@ -18,7 +18,10 @@ runner takes from the step in flight on the device. Bookkeeping of what is *sche
 (computed positions, prompt logprobs) happens in schedule(); `update()` only appends what
 was sampled and applies the stop conditions. A request never gets more samples in flight
 than max_tokens and the context allow; one whose sampling reads its output history
-(penalties, min_tokens) waits until it has no placeholder.
+(penalties, min_tokens) or whose next token a grammar constrains (structured outputs: the
+mask depends on the last token) waits until it has no placeholder, and the core steps
+synchronously while such a request lives. A constrained request whose grammar is still
+compiling (Request.grammar.ready) is passed over in the waiting queue.
 
 Multi-step rounds (config.num_scheduler_steps = k > 1): when every scheduled request only
 decodes plainly (samples, no logprobs, no knob that reads the output history) and no prompt
@@ -126,6 +129,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.finished_ids: list[str] = []         # finished since the last schedule()
         self.num_preemptions = 0
+        self.num_constrained = 0                  # live requests with structured outputs
         self.queue_times: list[float] = []        # taken by the core's stats
         # what the runner holds: requests it has seen, and how many blocks of each table
         self._runner_knows: set[str] = set()
@@ -154,6 +158,7 @@ class Scheduler:
             req.serial = self._serial
             self.blocks.hash_blocks(req)
             self.requests[req.request_id] = req
+            self.num_constrained += req.params.structured_outputs is not None
             self._enqueue(req)
 
     def add_request(self, req: Request) -> None:
@@ -170,6 +175,7 @@ class Scheduler:
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
+        self.num_constrained -= req.params.structured_outputs is not None
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
@@ -187,9 +193,10 @@ class Scheduler:
 
     @property
     def needs_history(self) -> bool:
-        """Some live request samples from its output history: the core steps without a step
-        in flight while it lives, so that history is always whole on the host."""
-        return any(_needs_history(r) for r in self.requests.values())
+        """Some live request samples from its output history or under a grammar: the core
+        steps without a step in flight while it lives, so that history (and the grammar's
+        state) is always whole on the host."""
+        return any(_needs_host(r) for r in self.requests.values())
 
     # ---- one step --------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -220,19 +227,24 @@ class Scheduler:
 
         # 2. waiting requests, while nothing was preempted this step
         held_by_budget = False
-        while self.waiting and not preempted and len(self.running) < self.config.max_num_seqs:
+        i = 0                                      # waiting[:i]: grammars still compiling
+        while (i < len(self.waiting) and not preempted
+               and len(self.running) < self.config.max_num_seqs):
             if budget == 0:
                 held_by_budget = True
                 break
-            req = self.waiting[0]
+            req = self.waiting[i]
             assert req.num_placeholders == 0, "a waiting request has samples in flight"
+            if req.grammar is not None and not req.grammar.ready:
+                i += 1
+                continue
             shared, n_computed, looked_up = self._reusable_blocks(req)
             if shared is None:                     # waits for its sibling's prompt
                 break
             n = min(req.num_tokens - n_computed, budget)
             if not self.blocks.allocate(req.request_id, n_computed + n, shared):
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(i)
             if req.status == RequestStatus.WAITING:
                 req.num_cached_tokens = n_computed
                 if looked_up:
@@ -260,7 +272,7 @@ class Scheduler:
         """Positions a running request could compute now (before the budget): 0 while its
         sampling needs history it does not have yet, or when every token it may still
         produce is already in flight."""
-        if req.num_placeholders and _needs_history(req):
+        if req.num_placeholders and _needs_host(req):
             return 0
         total = req.num_tokens_with_placeholders
         n = total - req.num_computed_tokens
@@ -284,7 +296,7 @@ class Scheduler:
         for req, n in zip(reqs, scheduled.values()):
             if (req.num_computed_tokens + n != req.num_tokens_with_placeholders
                     or req.max_tokens == 0 or req.wants_prompt_logprobs
-                    or req.params.logprobs is not None or _needs_history(req)):
+                    or req.params.logprobs is not None or _needs_host(req)):
                 return {}
         steps = {}
         for req, n in zip(reqs, scheduled.values()):
@@ -417,6 +429,13 @@ class Scheduler:
                     req.stop_reason = None if tok == eos else tok
                     return toks[:i + 1], RequestStatus.FINISHED_STOPPED
         return toks[:cut] if cut < len(toks) else toks, status
+
+
+def _needs_host(req: Request) -> bool:
+    """Whether sampling this request needs its last token on the host: for its output
+    history, or for its grammar's next mask. It never has a sample in flight when scheduled
+    and never joins a multi-step round."""
+    return req.grammar is not None or _needs_history(req)
 
 
 def _needs_history(req: Request) -> bool:

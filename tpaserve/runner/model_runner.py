@@ -35,7 +35,13 @@ from tpaserve.runner.attention import PagedAttention, StepMetadata, select_ops
 from tpaserve.runner.factor_cache import FactorCache
 from tpaserve.runner.graphs import StepBuffers, StepGraphs
 from tpaserve.runner.request_states import RequestStates
-from tpaserve.runner.sampler import LogprobsOnDevice, Sampler, SamplingRow, to_device
+from tpaserve.runner.sampler import (
+    LogprobsOnDevice,
+    Sampler,
+    SamplingRow,
+    apply_token_bitmask,
+    to_device,
+)
 
 
 @dataclass
@@ -124,6 +130,7 @@ class _Step:
     def __init__(self, runner: ModelRunner, sched: SchedulerOutput,
                  reqs: list[ScheduledRequest], states):
         self.r, self.reqs, self.states = runner, reqs, states
+        self.bitmask: np.ndarray | None = sched.grammar_bitmask              # (S, W) int32
         bs = runner.block_size
         B = self.B = len(reqs)
         self.K = sched.num_steps
@@ -192,6 +199,11 @@ class _Step:
                             generator=r.states.states[reqs[i].request_id].generator)
                 for i in self.sampling]
         meta = r.sampler.metadata(rows, r.device)
+        if self.bitmask is not None:
+            # before sampling and logprobs: a constrained row's logprobs are those of the
+            # masked distribution (as vLLM reports them); no round has constrained rows
+            assert self.K == 1 and self.bitmask.shape[0] == len(rows), self.bitmask.shape
+            logits = apply_token_bitmask(logits, self.bitmask)
         samples = [r.sampler.sample_ids(logits, meta)]                       # [(S,)]
         want = [j for j, row in enumerate(rows) if row.params.logprobs is not None]
         if want:                                   # single steps only (no round has them)

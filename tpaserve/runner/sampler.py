@@ -6,7 +6,10 @@ Invariants:
 - Only the real vocabulary is ever sampled or reported: columns >= vocab_size (the model's
   padded vocab, e.g. 50304 vs the tokenizer's 50257) are sliced off first.
 - Logprobs, sampled and prompt, are log_softmax of the RAW logits (vLLM's default): they
-  describe the model, not the knobs.
+  describe the model, not the knobs. One exception, as in vLLM v1 (its model runner applies
+  the grammar bitmask to the logits before the sampler computes raw logprobs): a
+  structured-output row's logits are masked first (`apply_token_bitmask`), so its logprobs
+  are the model's distribution renormalised over the tokens its grammar allows.
 - A seeded row's randomness comes only from its own generator, which draws exactly
   vocab_size exponentials in each step where the row samples (not when greedy, not in the
   steps of a round after the row stopped). So the same seed gives the same tokens whatever
@@ -27,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tpaserve.sampling_params import SamplingParams
@@ -128,8 +132,29 @@ class LogprobsOnDevice:
         chosen = self.chosen.tolist()
         if not self.num_top:
             return [(c, []) for c in chosen]
-        return [(c, list(zip(i, p))) for c, i, p in
+        # a token at -inf (masked by a grammar) is no candidate, and JSON has no -inf
+        return [(c, [(t, lp) for t, lp in zip(i, p) if lp != float("-inf")]) for c, i, p in
                 zip(chosen, self.top_id.tolist(), self.top_lp.tolist())]
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: np.ndarray) -> torch.Tensor:
+    """Structured outputs: logits (S, V_pad) with the tokens a row may not pick at -inf.
+    bitmask (S, W) int32 from the host (core/structured.py): bit t % 32 of word t // 32 of
+    row j is set iff row j may pick token t; an unconstrained row is all ones (-1); tokens
+    t >= 32 W are left alone (past the vocabulary: the sampler never draws them).
+    Returns a new tensor (the logits may be a CUDA graph's output buffer); enqueued only."""
+    s, w = bitmask.shape
+    assert logits.dim() == 2 and logits.size(0) == s, (logits.shape, bitmask.shape)
+    v = min(logits.size(1), 32 * w)
+    words = torch.from_numpy(np.ascontiguousarray(bitmask))
+    if logits.is_cuda:
+        words = words.pin_memory()
+    words = words.to(logits.device, non_blocking=True)                       # (S, W)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)       # (32,)
+    allowed = ((words[:, :, None] >> shifts) & 1).bool().view(s, 32 * w)     # (S, 32 W)
+    out = logits.clone()
+    out[:, :v].masked_fill_(~allowed[:, :v], float("-inf"))
+    return out
 
 
 class Sampler:
