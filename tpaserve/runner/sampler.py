@@ -201,17 +201,17 @@ class Sampler:
         x = logits[:, :self.vocab_size].float()                              # (B, V)
         if meta.has_processors:
             x = self.process(x, meta.rows)
+        # NaN or +inf anywhere in a row makes its draw meaningless (softmax -> NaN, and
+        # argmax picks a NaN): such a row gets NONFINITE, never a token. -inf is a mask.
+        # A row's max says it: NaN if it holds a NaN (max propagates it), inf if +inf.
         if meta.all_greedy:
-            tokens = x.argmax(dim=-1)
+            top, tokens = x.max(dim=-1)                                      # (B,), (B,)
         else:
             tokens = self._sample(x, meta, live)
             if meta.any_greedy:
                 tokens = torch.where(meta.greedy, x.argmax(dim=-1), tokens)
-        # NaN or +inf anywhere in a row makes its draw meaningless (softmax -> NaN, and
-        # argmax picks a NaN): such a row gets NONFINITE, never a token. -inf is a mask.
-        # One pass: a row's max is NaN if it holds a NaN (max propagates it), inf if +inf.
-        broken = ~(x.amax(dim=-1) < float("inf"))                            # (B,)
-        return tokens.masked_fill(broken, NONFINITE)
+            top = x.amax(dim=-1)                                             # (B,)
+        return torch.where(top < float("inf"), tokens, NONFINITE)
 
     def process(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """The logit processors before greedy/temperature: logit_bias, min_tokens,
