@@ -128,6 +128,25 @@ def launch(checkpoint: Path, log: Path, *flags: str, api_key: str | None = API_K
     return server
 
 
+def launch_demo(log: Path) -> Server:
+    """`tpaserve` with no --model: the bundled demo model, as a new user runs it (no API
+    key, CPU), on a free port, ready."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TPASERVE_API_KEY", None)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tpaserve", "--host", "127.0.0.1",
+                                 "--port", "0", "--device", "cpu"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env,
+                                cwd=Path(__file__).resolve().parents[2])
+    server = Server(proc, "", log, None)
+    try:
+        _wait_ready(server)
+    except BaseException:
+        stop(server)
+        raise
+    return server
+
+
 def _wait_ready(server: Server) -> None:
     end = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < end:

@@ -1,30 +1,17 @@
 """`tpaserve` with no --model serves the bundled demo T6 as "t6-demo": the quickstart's
 `make serve`, checked through a real server and the official openai client."""
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.api.conftest import Server, _wait_ready, stop
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.api.conftest import launch_demo, stop
 
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("demo") / "tpaserve.log"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("TPASERVE_API_KEY", None)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tpaserve", "--host", "127.0.0.1",
-                                 "--port", "0", "--device", "cpu"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    server = Server(proc, "", log, None)
+    server = launch_demo(log)
     try:
-        _wait_ready(server)
         yield server
     finally:
         stop(server)

@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import jsonschema
 import openai
 import pytest
 
-from tests.api.conftest import Server, _wait_ready, stop
+from tests.api.conftest import Server, launch_demo, stop
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = "t6-demo"
 PERSON = {"type": "object",
           "properties": {"name": {"type": "string", "pattern": "^[A-Z][a-z]{1,8}$"},
@@ -42,15 +37,8 @@ PROMPTS = ["Describe Elizabeth", "Who is Mr. Bingley?", "Tell me about Jane",
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("structured") / "tpaserve.log"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("TPASERVE_API_KEY", None)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tpaserve", "--host", "127.0.0.1",
-                                 "--port", "0", "--device", "cpu"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    server = Server(proc, "", log, None)
+    server = launch_demo(log)
     try:
-        _wait_ready(server)
         yield server
     finally:
         stop(server)
