@@ -196,3 +196,38 @@ def test_bitmask_sets_exactly_the_disallowed_logits_to_minus_inf():
     finite = torch.isfinite(out[0, :v]).nonzero().flatten().tolist()
     assert finite == allowed
     assert torch.equal(out[1], logits[1]) and torch.equal(out[0, 96:], logits[0, 96:])
+
+
+@pytest.mark.parametrize("fault", ["compile", "reject"])
+def test_a_failed_grammar_ends_its_request_with_an_error_not_a_stop(tok_model, spm_tokenizer,
+                                                                    fault):
+    """Fault injection in the core: the grammar fails to compile there (the frontend had
+    validated it), or its matcher rejects a token. The request ends with finish_reason
+    "error" and an error, never as a complete output; a plain request beside it is served."""
+    tok = spm_tokenizer
+    eng = build_engine(tok_model, tokenizer=tok, **ENGINE)
+    grammars = eng.core.grammars
+    if fault == "compile":
+        def broken_compile(spec):
+            raise RuntimeError("injected compile failure")
+        grammars._compile = broken_compile
+    else:
+        accept = grammars.accept
+
+        def poisoned_accept(outs, requests):
+            accept(outs, requests)
+            for o in outs:
+                r = requests.get(o.request_id)
+                if r is not None and r.grammar is not None and r.grammar.matcher is not None:
+                    r.grammar.matcher.consume_token(10**6)     # not a token: an error state
+        grammars.accept = poisoned_accept
+    prompt = tok.encode("the quick brown fox")
+    done = run(eng, [("bad", prompt, SamplingParams(max_tokens=12, temperature=0.0,
+                                                    structured_outputs=_so(json=SCHEMA))),
+                     ("plain", prompt, SamplingParams(max_tokens=6, temperature=0.0,
+                                                      ignore_eos=True))])
+    bad = done["bad"]
+    assert bad.outputs[0].finish_reason == "error" and bad.error is not None, bad
+    assert "grammar" in bad.error.message
+    assert done["plain"].outputs[0].finish_reason == "length"
+    assert_drained(eng)

@@ -76,6 +76,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+NONFINITE_MESSAGE = ("the model's logits for this request were not finite (NaN or "
+                     "infinity); it was stopped")
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, model: T6 | None = None):
         """Load the checkpoint (or take `model`, already built), size the cache, capture the
@@ -246,11 +250,17 @@ class EngineCore:
         t2 = time.monotonic()
         self._wait += t2 - t1
         self.consecutive_failures = 0
+        grammars = self.grammars.of(sched, self.scheduler.requests) \
+            if sched.grammar_bitmask is not None else {}
         outs = self.scheduler.update(sched, result)
-        if result.nonfinite:
-            outs = self._fail_nonfinite(outs, result.nonfinite)
-        if sched.grammar_bitmask is not None:
+        # a row that ended in this step before its non-finite sample (EOS) ended well
+        errors = {rid: NONFINITE_MESSAGE for rid in result.nonfinite
+                  if rid in self.scheduler.requests}
+        if grammars:
             self.grammars.accept(outs, self.scheduler.requests)
+            errors.update(self.grammars.broken(grammars))
+        if errors:
+            outs = self._end_with_errors(outs, errors)
         durations, tokens, seqs = self._steps
         # a step's time: from its schedule, or from the end of the step before when they
         # overlapped (async scheduling), to the end of its update; so the steps' times add
@@ -263,21 +273,24 @@ class EngineCore:
         seqs.append(len(sched.requests))
         return outs
 
-    def _fail_nonfinite(self, outs: list[EngineCoreOutput], request_ids: list[str]
-                        ) -> list[EngineCoreOutput]:
-        """Requests whose logits were NaN or +inf end with an error, keeping the tokens that
-        came before (the sampler marks such rows, runner/sampler.NONFINITE, and the runner
-        cuts them there): their outputs of this step carry the error."""
-        logger.error("non-finite logits for %d request(s): ending them", len(request_ids))
-        err = RequestError("step_failed", "the model's logits for this request were not "
-                                          "finite (NaN or infinity); it was stopped")
-        failed = {rid for rid in request_ids
-                  if self.scheduler.finish(rid, RequestStatus.FINISHED_ERROR)}
-        out = [msgspec.structs.replace(o, finish_reason="error", error=err)
-               if o.request_id in failed else o for o in outs]
+    def _end_with_errors(self, outs: list[EngineCoreOutput], errors: dict[str, str]
+                         ) -> list[EngineCoreOutput]:
+        """End these requests with an error, keeping the tokens this step gave them: logits
+        that were NaN or +inf (the sampler marks such rows, runner/sampler.NONFINITE, and
+        the runner cuts them there), a grammar that failed. Their outputs of this step carry
+        the error, also when the step itself finished them (a broken grammar allows only
+        EOS): a client never takes such an end for a normal stop."""
+        logger.error("ending %d request(s) with an error: %s", len(errors),
+                     "; ".join(sorted(set(errors.values()))))
+        for rid in errors:
+            self.scheduler.finish(rid, RequestStatus.FINISHED_ERROR)
+        out = [msgspec.structs.replace(o, finish_reason="error",
+                                       error=RequestError("step_failed", errors[o.request_id]))
+               if o.request_id in errors else o for o in outs]
         seen = {o.request_id for o in outs}
-        out += [EngineCoreOutput(rid, finish_reason="error", error=err)
-                for rid in failed - seen]
+        out += [EngineCoreOutput(rid, finish_reason="error",
+                                 error=RequestError("step_failed", message))
+                for rid, message in errors.items() if rid not in seen]
         return out
 
     def _fail_step(self, sched: SchedulerOutput, exc: Exception) -> list[EngineCoreOutput]:

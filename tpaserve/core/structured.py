@@ -18,8 +18,10 @@ request (the matcher goes with it), a preempted request keeps its tokens and its
 (recomputing its prompt and outputs samples nothing new), and each of n > 1 sequences is a
 request with its own matcher.
 
-A matcher that is stopped (its grammar is complete) or in error allows only EOS, so the
-sequence ends; llguidance's masks include EOS wherever the grammar may end.
+A matcher that is stopped (its grammar is complete) allows only EOS, so the sequence ends;
+llguidance's masks include EOS wherever the grammar may end. A grammar that failed (to
+compile, or a token it rejected) allows only EOS too, and `broken` names it: the core ends
+that request with an error, never as a normal stop.
 """
 from __future__ import annotations
 
@@ -134,6 +136,25 @@ class Grammars:
                 self._executor = llguidance.LLExecutor(MASK_THREADS)
             llnp.fill_next_token_bitmask_par(self._executor, live, mask)
         return mask
+
+    @staticmethod
+    def of(sched: SchedulerOutput, requests: dict[str, Request]) -> dict[str, Grammar]:
+        """The grammars of `sched`'s constrained requests (taken before the update, which
+        forgets the requests it finishes)."""
+        return {s.request_id: g for s in sched.requests
+                if (g := requests[s.request_id].grammar) is not None}
+
+    @staticmethod
+    def broken(grammars: dict[str, Grammar]) -> dict[str, str]:
+        """request id -> why, for grammars that failed to compile or rejected a token: their
+        requests end with an error, never as if the output were complete."""
+        out = {}
+        for rid, g in grammars.items():
+            if g.failed:
+                out[rid] = "the structured-output grammar failed to compile on this engine"
+            elif g.matcher is not None and g.matcher.is_error():
+                out[rid] = f"the structured-output grammar failed: {g.matcher.get_error()}"
+        return out
 
     def accept(self, outs: list[EngineCoreOutput], requests: dict[str, Request]) -> None:
         """Feed each live constrained sequence's new tokens to its matcher."""
