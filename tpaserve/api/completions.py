@@ -102,7 +102,10 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     screen(body, "/v1/completions")
     model = client.check_model(body.model)
     _check_unsupported(body)
-    prompts = await off_loop(_prompts, client, body)
+    text = isinstance(body.prompt, str) or isinstance(body.prompt[0], str)
+    # text is tokenized in a worker thread (long prompts must not stall the loop); token
+    # ids are only checked, here, without a thread hop per request
+    prompts = await off_loop(_prompts, client, body) if text else _prompts(client, body)
     # the engine scores the prompt once, for echo's logprobs and for prompt_logprobs: with
     # the larger top count (each rendering keeps its own)
     echo_k = body.logprobs if body.echo else None
