@@ -170,13 +170,14 @@ def test_admission_errors_raise_before_the_first_yield(checkpoint):
             with pytest.raises(RequestRejected, match="tokenizer"):
                 await llm.generate("stop", [1], SamplingParams(stop=["x"])).__anext__()
             # refused by the core: its queue holds 2 sequences and one runs; ten sent in
-            # one burst (no await between the sends) reach it before its first step ends
+            # one burst (no await between the sends) reach it before its first step ends.
+            # 2 are admitted, or 3 if a step moved the first to running between arrivals
             sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
             results = await asyncio.gather(*(collect(llm, f"b{i}", [1, 2], sp)
                                              for i in range(10)), return_exceptions=True)
             full = [r for r in results if isinstance(r, QueueFull)]
             done = [r for r in results if not isinstance(r, BaseException)]
-            assert len(full) + len(done) == 10 and full and len(done) >= 3, results
+            assert len(full) + len(done) == 10 and full and len(done) >= 2, results
             assert all("queue is full" in str(r) for r in full)
             for last, _ in done:
                 assert last.finished and len(last.outputs[0].token_ids) == 40
