@@ -114,30 +114,30 @@ class KVEventPublisher:
         # both sockets are made here, then used by the sending thread only
         self._pub = self._ctx.socket(zmq.PUB)
         self._replay = None
+        self._pub.setsockopt(zmq.SNDHWM, 100_000)
+        self._pub.setsockopt(zmq.LINGER, 1000)       # close() lets queued messages leave
         try:
-            self._pub.setsockopt(zmq.SNDHWM, 100_000)
-            self._pub.setsockopt(zmq.LINGER, 1000)   # close() lets queued messages leave
-            if binds(config.endpoint):
-                self._pub.bind(config.endpoint)
+            flag, endpoint = "--kv-events-endpoint", config.endpoint
+            if binds(endpoint):
+                self._pub.bind(endpoint)
             else:
-                self._pub.connect(config.endpoint)
+                self._pub.connect(endpoint)
             if config.replay_endpoint is not None:
+                flag, endpoint = "--kv-events-replay-endpoint", config.replay_endpoint
                 self._replay = self._ctx.socket(zmq.ROUTER)
                 self._replay.setsockopt(zmq.LINGER, 0)
-                self._replay.bind(config.replay_endpoint)
+                self._replay.bind(endpoint)
         except zmq.ZMQError as exc:
-            self._pub.close(linger=0)
-            if self._replay is not None:
-                self._replay.close(linger=0)
-            self._ctx.term()
-            raise ConfigError(f"--kv-events-endpoint {config.endpoint} / replay "
-                              f"{config.replay_endpoint}: {exc}") from exc
+            self._ctx.destroy(linger=0)
+            raise ConfigError(f"{flag} {endpoint}: {exc}") from exc
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name="tpaserve-kv-events")
         self._thread.start()
 
     def publish(self, events: list[bm.KVCacheEvent]) -> None:
         """Queue one batch (the events of one step, in order); never blocks."""
+        if not self._thread.is_alive():          # it failed (logged): keep no backlog
+            return
         seq, self.next_seq = self.next_seq, self.next_seq + 1
         try:
             self._queue.put_nowait((seq, time.time(), events))
@@ -150,7 +150,10 @@ class KVEventPublisher:
     def close(self, timeout: float = 2.0) -> None:
         """Send what is queued (up to `timeout`), then close the sockets."""
         if self._thread.is_alive():
-            self._queue.put(None)
+            try:
+                self._queue.put(None, timeout=timeout)
+            except queue.Full:
+                return                           # a daemon: it ends with the process
             self._thread.join(timeout)
 
     # ---- the sending thread ------------------------------------------------------------------
