@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tpaserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from tpaserve.config import CacheConfig, EngineConfig, KVEventsConfig, SchedulerConfig
 from tpaserve.exceptions import CheckpointError, ConfigError
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo" / "t6-demo"
@@ -116,6 +116,18 @@ class EngineArgs:
         True, "", group="factor cache",
         negative="turn off prefix caching (reusing the cached blocks of prompt prefixes "
                  "that earlier requests computed)")
+    # ---- KV-cache events (vLLM's format, for KV-aware routers such as llm-d's)
+    kv_events_endpoint: str | None = _arg(
+        None, "publish the prefix cache's changes (BlockStored, BlockRemoved, "
+        "AllBlocksCleared; vLLM's msgpack format) on a ZMQ PUB socket: bound for tcp://*:PORT, "
+        "ipc:// and inproc://, connected for tcp://HOST:PORT. Default: off",
+        group="kv events", metavar="ENDPOINT")
+    kv_events_replay_endpoint: str | None = _arg(
+        None, "a ZMQ ROUTER (bound) from which a subscriber asks for the batches it missed, "
+        "by sequence number", group="kv events", metavar="ENDPOINT")
+    kv_events_topic: str | None = _arg(
+        None, "ZMQ topic of every event message (llm-d expects kv@POD@MODEL). Default: none",
+        group="kv events", metavar="TOPIC")
     # ---- scheduler
     max_num_batched_tokens: int = _arg(2048, "token budget of one engine step",
                                        group="scheduler", parse=_int, metavar="TOKENS")
@@ -173,10 +185,14 @@ class EngineArgs:
                                     max_queued_requests=self.max_queued_requests,
                                     scheduling_policy=self.scheduling_policy,
                                     num_scheduler_steps=self.num_scheduler_steps)
+        kv_events = KVEventsConfig(endpoint=self.kv_events_endpoint,
+                                   replay_endpoint=self.kv_events_replay_endpoint,
+                                   topic=self.kv_events_topic or "")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ConfigError(f"--seed must be an integer, got {self.seed!r}")
         return EngineConfig(
-            model=str(self.model_dir), cache=cache, scheduler=scheduler, dtype=self.dtype,
+            model=str(self.model_dir), cache=cache, scheduler=scheduler, kv_events=kv_events,
+            dtype=self.dtype,
             device=self.device, enforce_eager=self.enforce_eager, seed=self.seed,
             async_scheduling=self.async_scheduling,
             eos_token_id=tokenizer.eos_token_id if tokenizer is not None else None,

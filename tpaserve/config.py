@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from tpaserve.exceptions import ConfigError
 
-__all__ = ["ConfigError", "ModelConfig", "CacheConfig", "SchedulerConfig", "EngineConfig",
-           "MAX_SCHEDULER_STEPS"]
+__all__ = ["ConfigError", "ModelConfig", "CacheConfig", "SchedulerConfig", "KVEventsConfig",
+           "EngineConfig", "MAX_SCHEDULER_STEPS"]
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,41 @@ class SchedulerConfig:
                 f"request waits in the queue before it runs; leave it out for no bound)")
 
 
+def _check_zmq_endpoint(flag: str, endpoint: str) -> None:
+    """tcp://HOST:PORT, ipc://PATH or inproc://NAME (what ZMQ can bind or connect)."""
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep or scheme not in ("tcp", "ipc", "inproc") or not rest:
+        raise ConfigError(f"{flag} must look like tcp://*:5557, tcp://HOST:PORT, ipc://PATH "
+                          f"or inproc://NAME, got {endpoint!r}")
+    if scheme == "tcp":
+        host, colon, port = rest.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError(f"{flag} {endpoint!r}: a tcp endpoint needs a host (or *) and "
+                              f"a port in [1, 65535], e.g. tcp://*:5557")
+
+
+@dataclass(frozen=True)
+class KVEventsConfig:
+    """Where the core publishes its prefix cache's changes (core/kv_events.py), in vLLM's
+    KV-event format. endpoint None: off (the block manager records nothing)."""
+    endpoint: str | None = None
+    replay_endpoint: str | None = None     # a ROUTER, always bound: missed batches on request
+    topic: str = ""
+
+    def __post_init__(self) -> None:
+        if self.endpoint is not None:
+            _check_zmq_endpoint("--kv-events-endpoint", self.endpoint)
+        if self.replay_endpoint is not None:
+            if self.endpoint is None:
+                raise ConfigError("--kv-events-replay-endpoint needs --kv-events-endpoint")
+            _check_zmq_endpoint("--kv-events-replay-endpoint", self.replay_endpoint)
+            if self.replay_endpoint == self.endpoint:
+                raise ConfigError(f"--kv-events-replay-endpoint must differ from "
+                                  f"--kv-events-endpoint, both are {self.endpoint!r}")
+        if self.topic and self.endpoint is None:
+            raise ConfigError("--kv-events-topic needs --kv-events-endpoint")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """What an engine core is built from. Plain values only: it is pickled to the engine core
@@ -135,6 +170,7 @@ class EngineConfig:
     model: str = ""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    kv_events: KVEventsConfig = field(default_factory=KVEventsConfig)
     dtype: str = "auto"
     device: str = "auto"
     enforce_eager: bool = False
@@ -148,3 +184,9 @@ class EngineConfig:
     # where that tokenizer was loaded from: the core builds structured outputs' token
     # masks from it (core/structured.py); None: constrained requests are refused
     tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kv_events.endpoint is not None and not self.cache.enable_prefix_caching:
+            # the events describe the prefix cache: without it there would be none
+            raise ConfigError("--kv-events-endpoint publishes the prefix cache's changes: it "
+                              "cannot be used with --no-enable-prefix-caching")

@@ -73,6 +73,11 @@ def test_help_reads_cleanly():
     (["--gpu-memory-utilization", "1.5"], "(0, 1]"), (["--dtype", "int8"], "int8"),
     (["--block-size", "0"], "[1, 1024]"), (["--no-such-flag"], "--no-such-flag"),
     (["--model", "/definitely/not/here"], "/definitely/not/here"),
+    (["--kv-events-endpoint", "http://x:1"], "tcp://*:5557"),
+    (["--kv-events-endpoint", "tcp://*:99999"], "[1, 65535]"),
+    (["--kv-events-endpoint", "tcp://*:5557", "--no-enable-prefix-caching"],
+     "--no-enable-prefix-caching"),
+    (["--kv-events-replay-endpoint", "tcp://*:5558"], "needs --kv-events-endpoint"),
 ])
 def test_bad_flags_exit_with_one_line(args, needle):
     r = run_cli(*args)
@@ -129,6 +134,18 @@ def test_busy_port_is_one_line(capsys, checkpoint):
         with pytest.raises(SystemExit):
             cli.main(["--model", str(checkpoint), "--port", str(port)])
     assert_one_line_error(capsys.readouterr().err, str(port))
+
+
+def test_busy_kv_events_port_is_one_line(capsys, checkpoint):
+    """The engine core binds the PUB socket; a port in use ends start-up with one line."""
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(SystemExit):
+            cli.main(["--model", str(checkpoint), "--port", "0", "--device", "cpu",
+                      "--kv-events-endpoint", f"tcp://*:{port}"])
+    assert_one_line_error(capsys.readouterr().err, f"tcp://*:{port}")
 
 
 def stream_in_thread(url: str, body: dict) -> tuple[threading.Thread, dict]:

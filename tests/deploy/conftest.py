@@ -23,11 +23,12 @@ NUM_BLOCKS, BLOCK_SIZE = 24, 16
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset], float]:
-    """Every `tpaserve:` sample on /metrics: (sample name, labels) -> value."""
+    """Every `tpaserve:` sample on /metrics, and the `vllm:` aliases: (sample name, labels)
+    -> value."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
     return {(s.name, frozenset(s.labels.items())): s.value
             for family in text_string_to_metric_families(text) for s in family.samples
-            if s.name.startswith("tpaserve:")}
+            if s.name.startswith(("tpaserve:", "vllm:"))}
 
 
 def value(samples: dict, name: str, **labels: str) -> float:

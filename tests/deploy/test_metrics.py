@@ -33,6 +33,8 @@ REQUIRED = [
     "tpaserve:engine_step_batch_size_count", "tpaserve:cache_config_info",
     "tpaserve:http_requests_total", "tpaserve:engine_host_seconds_total",
     "tpaserve:engine_device_wait_seconds_total", "tpaserve:server_start_time_seconds",
+    # vLLM's names of three gauges: the Gateway API Inference Extension's contract
+    "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
 ]
 
 
@@ -145,6 +147,8 @@ def test_cache_gauges_follow_the_blocks_and_return_to_zero(metrics_server, check
         used = value(s, "tpaserve:factor_cache_blocks_used")
         assert used >= 4 and value(s, "tpaserve:num_requests_running") == 1
         assert value(s, "tpaserve:factor_cache_usage_perc") == used / NUM_BLOCKS
+        assert value(s, "vllm:kv_cache_usage_perc") == used / NUM_BLOCKS     # the aliases
+        assert value(s, "vllm:num_requests_running") == 1
         assert value(s, "tpaserve:factor_cache_bytes_used") == used * BLOCK_SIZE * per_token
         assert value(s, "tpaserve:mha_equivalent_cache_used_bytes") == \
             used * BLOCK_SIZE * mha_per_token
@@ -152,7 +156,9 @@ def test_cache_gauges_follow_the_blocks_and_return_to_zero(metrics_server, check
     s = scrape(metrics_server.url)
     for name in ("tpaserve:factor_cache_blocks_used", "tpaserve:factor_cache_usage_perc",
                  "tpaserve:factor_cache_bytes_used", "tpaserve:mha_equivalent_cache_used_bytes",
-                 "tpaserve:num_requests_running", "tpaserve:num_requests_waiting"):
+                 "tpaserve:num_requests_running", "tpaserve:num_requests_waiting",
+                 "vllm:kv_cache_usage_perc", "vllm:num_requests_running",
+                 "vllm:num_requests_waiting"):
         assert value(s, name) == 0, name
 
 

@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tpaserve.engine.block_manager import _ROOT, BlockManager, block_hash
+from tpaserve.engine.block_manager import (
+    _ROOT,
+    AllBlocksCleared,
+    BlockManager,
+    BlockRemoved,
+    BlockStored,
+    block_hash,
+)
 
 
 class _Req:
@@ -29,7 +36,7 @@ def alloc(bm: BlockManager, rid: str, ids: list[int], num_computed: int, n: int,
     if not bm.allocate(rid, num_computed + n, list(shared)):
         return False
     upto = ids[:num_computed + n]
-    bm.register(rid, hashes_of(bm, upto), len(upto))
+    bm.register(rid, hashes_of(bm, upto), len(upto), upto)
     return True
 
 
@@ -289,6 +296,38 @@ def test_reset_prefix_cache_forgets_every_hash():
     free_all_and_check(bm)
 
 
+def replay(events) -> set[bytes]:
+    """The set of cached hashes a subscriber rebuilds from the events alone."""
+    held: set[bytes] = set()
+    for e in events:
+        if isinstance(e, BlockStored):
+            held.update(e.block_hashes)
+        elif isinstance(e, BlockRemoved):
+            held.difference_update(e.block_hashes)
+        else:
+            held.clear()
+    return held
+
+
+def test_events_record_every_change_of_the_cached_hashes():
+    ev: list = []
+    bm = BlockManager(num_blocks=4, block_size=2, events=ev)
+    ids = toks(6)
+    h = hashes_of(bm, ids)
+    alloc(bm, "a", ids, 0, 4)                         # two blocks, one run, no parent
+    assert ev == [BlockStored(h[:2], None, ids[:4])]
+    alloc(bm, "a", ids, 4, 2)                         # the third: the second is its parent
+    assert ev[-1] == BlockStored(h[2:], h[1], ids[4:])
+    bm.free_request("a")                              # free, still cached: no event
+    assert len(ev) == 2 and replay(ev) == set(bm.cached)
+    alloc(bm, "b", toks(4, 20), 0, 4)                 # takes the unhashed block, evicts h[2]
+    assert ev[2] == BlockRemoved([h[2]]) and isinstance(ev[3], BlockStored)
+    assert replay(ev) == set(bm.cached) and len(bm.cached) == 4
+    bm.reset_prefix_cache()
+    assert ev[-1] == AllBlocksCleared() and replay(ev) == set() == set(bm.cached)
+    free_all_and_check(bm)
+
+
 # ---- property: random allocate / append / fork / free --------------------------------------------
 
 op_st = st.tuples(st.sampled_from(["alloc", "append", "fork", "free", "hit"]),
@@ -301,7 +340,7 @@ op_st = st.tuples(st.sampled_from(["alloc", "append", "fork", "free", "hit"]),
        block_size=st.sampled_from([1, 2, 3, 4]), prefix=st.booleans())
 def test_random_operations_keep_invariants_and_free_everything(ops, num_blocks, block_size,
                                                                prefix):
-    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix)
+    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix, events=[])
     live: dict[str, list[int]] = {}                    # request -> tokens it holds blocks for
     n = 0
     for kind, pick, count, tokens in ops:
@@ -340,6 +379,7 @@ def test_random_operations_keep_invariants_and_free_everything(ops, num_blocks, 
         if not ok:
             assert snapshot(bm) == before                # a failed allocate changes nothing
         bm.check()
+        assert replay(bm.events) == set(bm.cached)       # the KV events tell every change
         for rid, ids in live.items():
             assert len(bm.table(rid)) == bm.blocks_for(len(ids))
         assert bm.num_used == len({b for rid in live for b in bm.table(rid)})

@@ -15,6 +15,10 @@ runs while the device computes. The scheduler plans N+1 without N's samples (pla
 engine/scheduler.py) and the runner feeds them on the device. While a live request samples
 from its output history (penalties, min_tokens) or under a grammar (structured outputs: a
 step's token mask needs the token before; core/structured.py) the core steps synchronously.
+
+KV-cache events (--kv-events-endpoint): the block manager records its prefix cache's
+changes; after each step (and a reset) the core hands them, as one batch, to the publisher
+(core/kv_events.py), which sends them from its own thread.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import msgspec
 import torch
 
 from tpaserve.config import EngineConfig
+from tpaserve.core.kv_events import KVEventPublisher
 from tpaserve.core.structured import Grammars
 from tpaserve.engine.block_manager import BlockManager
 from tpaserve.engine.contracts import SchedulerOutput
@@ -130,8 +135,10 @@ class EngineCore:
                            seqs, max_model_len, device)
             g.capture_all()
             self.runner.graphs = g
+        kv = config.kv_events
         self.blocks = BlockManager(num_blocks, config.cache.block_size,
-                                   config.cache.enable_prefix_caching)
+                                   config.cache.enable_prefix_caching,
+                                   events=[] if kv.endpoint is not None else None)
         self.scheduler = Scheduler(sc, self.blocks, max_model_len)
         self.grammars = Grammars(config.tokenizer, self.vocab_size, config.eos_token_id)
         self.async_scheduling = config.async_scheduling
@@ -143,6 +150,9 @@ class EngineCore:
         # where the loop's time goes: host work (schedule, launch, update) vs waiting for
         # the device; cumulative seconds, sent with the stats
         self._host = self._wait = 0.0
+        # last: it opens sockets, which nothing above may leave behind by failing
+        self.kv_events = (KVEventPublisher(kv, config.cache.block_size)
+                          if kv.endpoint is not None else None)
         logger.info(spec.summary(num_blocks))
 
     @property
@@ -203,6 +213,30 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         """One step's worth of outputs (possibly none while the first step is in flight).
         Raises EngineDeadError after MAX_CONSECUTIVE_FAILURES failed steps in a row."""
+        if self.kv_events is None:
+            return self._step()
+        try:
+            return self._step()
+        finally:
+            self.publish_kv_events()
+
+    def publish_kv_events(self) -> None:
+        """Hand the block manager's events so far, as one batch, to the publisher."""
+        if self.kv_events is not None and self.blocks.events:
+            events, self.blocks.events = self.blocks.events, []
+            self.kv_events.publish(events)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (subscribers get AllBlocksCleared at once)."""
+        self.blocks.reset_prefix_cache()
+        self.publish_kv_events()
+
+    def close(self) -> None:
+        """Release what outlives a step: the KV-event publisher (flushed first)."""
+        if self.kv_events is not None:
+            self.kv_events.close()
+
+    def _step(self) -> list[EngineCoreOutput]:
         if not self.async_scheduling or self.scheduler.needs_history:
             if self.in_flight is not None:
                 return self._finish(self.in_flight)
@@ -306,7 +340,7 @@ class EngineCore:
                 for s in sched.requests
                 if self.scheduler.finish(s.request_id, RequestStatus.FINISHED_ERROR)]
         # a half-run step may have written slots anywhere its requests' tables point
-        self.blocks.reset_prefix_cache()
+        self.reset_prefix_cache()
         if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
             raise EngineDeadError(message) from exc
         return outs

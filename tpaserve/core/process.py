@@ -221,4 +221,5 @@ class CoreLoop:
         process: closing its socket from here would not be thread-safe."""
         self.outputs.put(None)
         self._out_thread.join(timeout=5)
+        self.core.close()
         return code

@@ -16,6 +16,12 @@ sha256(parent hash, token ids), kept on the request (`Request.block_hashes`, ext
 `hash_blocks` as tokens append): a block's identity is the whole prefix up to its end. When
 two requests compute the same block concurrently, the second copy is not registered and
 not de-duplicated (vLLM does the same): swapping it in would rewrite a live block table.
+
+KV-cache events (on when built with `events=[]`): every change of the set of hashes in
+`cached` is appended to `events`, in order, as plain values - BlockStored when `register`
+enters a run of blocks, BlockRemoved when `_take_free` evicts one, AllBlocksCleared on
+`reset_prefix_cache` - so that replaying the list rebuilds exactly `cached`'s keys. The
+core drains the list after each step and publishes it (core/kv_events.py).
 """
 from __future__ import annotations
 
@@ -31,6 +37,29 @@ def block_hash(parent: bytes, token_ids: list[int]) -> bytes:
     return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
 
 
+@dataclass(frozen=True)
+class BlockStored:
+    """Blocks entered into the prefix cache: consecutive blocks of one request, each the
+    child of the one before; `parent_hash` is the hash of the block before the first (None
+    for a prompt's first block); `token_ids` are the blocks' tokens, block_size each."""
+    block_hashes: list[bytes]
+    parent_hash: bytes | None
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class BlockRemoved:
+    block_hashes: list[bytes]
+
+
+@dataclass(frozen=True)
+class AllBlocksCleared:
+    pass
+
+
+KVCacheEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
 @dataclass
 class Block:
     block_id: int
@@ -39,7 +68,8 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 events: list[KVCacheEvent] | None = None):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
@@ -49,6 +79,7 @@ class BlockManager:
         self.registered: dict[str, int] = {}          # request id -> leading blocks registered
         self.prefix_queries = 0                        # tokens looked up
         self.prefix_hits = 0                           # tokens found
+        self.events = events                           # None: no events recorded (no cost)
 
     # ---- queries -------------------------------------------------------------------------
     @property
@@ -117,20 +148,37 @@ class BlockManager:
             table.append(self._take_free())
         return True
 
-    def register(self, request_id: str, block_hashes: list[bytes], num_computed: int) -> None:
+    def register(self, request_id: str, block_hashes: list[bytes], num_computed: int,
+                 token_ids: list[int] = ()) -> None:
         """Enter into the prefix cache the request's full blocks among its first num_computed
-        positions, which a finished step has really written."""
+        positions, which a finished step has really written. `token_ids`: the request's
+        tokens, read only for the events."""
         if not self.enable_prefix_caching or request_id not in self.tables:
             return
         table = self.tables[request_id]
         done = self.registered.get(request_id, 0)
         upto = min(num_computed // self.block_size, len(block_hashes), len(table))
+        run: list[int] = []                    # indices of a run of newly cached blocks
         for i in range(done, upto):
             h, blk = block_hashes[i], self.blocks[table[i]]
             if blk.hash is None and h not in self.cached:
                 blk.hash = h
                 self.cached[h] = blk.block_id
+                if self.events is not None:
+                    if run and run[-1] != i - 1:
+                        self._stored(block_hashes, run, token_ids)
+                        run = []
+                    run.append(i)
+        if run:
+            self._stored(block_hashes, run, token_ids)
         self.registered[request_id] = max(done, upto)
+
+    def _stored(self, block_hashes: list[bytes], run: list[int], token_ids) -> None:
+        bs, first, last = self.block_size, run[0], run[-1]
+        assert len(token_ids) >= (last + 1) * bs, "register() needs token_ids for the events"
+        self.events.append(BlockStored([block_hashes[i] for i in run],
+                                       block_hashes[first - 1] if first else None,
+                                       list(token_ids[first * bs:(last + 1) * bs])))
 
     def free_request(self, request_id: str) -> None:
         """Drop a request's references. Tail blocks are freed first so that, among equally
@@ -151,6 +199,8 @@ class BlockManager:
             blk.hash = None
         self.cached.clear()
         self.registered.clear()
+        if self.events is not None:
+            self.events.append(AllBlocksCleared())
 
     def _ref(self, b: int) -> None:
         blk = self.blocks[b]
@@ -163,6 +213,8 @@ class BlockManager:
         blk = self.blocks[b]
         if blk.hash is not None:                  # evict it from the prefix cache
             del self.cached[blk.hash]
+            if self.events is not None:
+                self.events.append(BlockRemoved([blk.hash]))
             blk.hash = None
         blk.ref_cnt = 1
         return b

@@ -396,7 +396,8 @@ class Scheduler:
             if req.status == RequestStatus.RUNNING:
                 req.num_confirmed_tokens = min(s.start_pos + s.num_tokens + s.num_steps - 1,
                                                req.num_tokens)
-                self.blocks.register(rid, req.block_hashes, req.num_confirmed_tokens)
+                self.blocks.register(rid, req.block_hashes, req.num_confirmed_tokens,
+                                     req.token_ids)
             plp = result.prompt_logprobs.get(rid)
             if not new and plp is None and status is None:
                 continue

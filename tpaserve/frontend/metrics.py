@@ -8,6 +8,11 @@ suffix anyway), so a grep finds what Prometheus shows. Only counters end in `_to
 Prometheus' naming rules ask - with one exception kept for vLLM compatibility:
 the histogram `iteration_tokens_total`.
 
+Three gauges are also exported under vLLM's own names, as aliases set with the same values
+(`vllm:num_requests_waiting`, `vllm:num_requests_running`, `vllm:kv_cache_usage_perc`):
+the model-server contract of the Gateway API Inference Extension, whose endpoint picker
+scrapes those names from a vLLM-compatible server. Nothing else of tpaserve reads them.
+
 Where each value is measured (the engine core runs in its own process):
   * the core times its steps and counts preemptions and prefix-cache lookups, and sends them
     with its state (queue lengths, blocks in use) after every step (engine/messages.
@@ -82,6 +87,17 @@ NUM_REQUESTS_RUNNING = _gauge(
 NUM_REQUESTS_WAITING = _gauge(
     "tpaserve:num_requests_waiting", "Sequences waiting to run (preempted ones included).",
     LABELS)
+
+# ---- vLLM's names of three gauges (the Gateway API Inference Extension scrapes them) -------
+VLLM_NUM_REQUESTS_RUNNING = _gauge(
+    "vllm:num_requests_running", "Alias of tpaserve:num_requests_running (vLLM's name).",
+    LABELS)
+VLLM_NUM_REQUESTS_WAITING = _gauge(
+    "vllm:num_requests_waiting", "Alias of tpaserve:num_requests_waiting (vLLM's name).",
+    LABELS)
+VLLM_KV_CACHE_USAGE = _gauge(
+    "vllm:kv_cache_usage_perc", "Alias of tpaserve:factor_cache_usage_perc (vLLM's name; "
+    "0 to 1).", LABELS)
 
 # ---- the factor cache (gauges) -----------------------------------------------------------
 # blocks_total / bytes_total are gauges named as the project's metric list asks (the totals
@@ -217,6 +233,9 @@ class EngineMetrics:
         self._running = NUM_REQUESTS_RUNNING.labels(**label)
         self._waiting = NUM_REQUESTS_WAITING.labels(**label)
         self._usage = FACTOR_CACHE_USAGE.labels(**label)
+        self._vllm_running = VLLM_NUM_REQUESTS_RUNNING.labels(**label)
+        self._vllm_waiting = VLLM_NUM_REQUESTS_WAITING.labels(**label)
+        self._vllm_usage = VLLM_KV_CACHE_USAGE.labels(**label)
         self._used = FACTOR_CACHE_BLOCKS_USED.labels(**label)
         self._used_bytes = FACTOR_CACHE_BYTES_USED.labels(**label)
         self._mha_used_bytes = MHA_EQUIVALENT_CACHE_USED_BYTES.labels(**label)
@@ -262,6 +281,7 @@ class EngineMetrics:
         info = self.info
         self._used.set(used)
         self._usage.set(used / info.num_blocks)
+        self._vllm_usage.set(used / info.num_blocks)
         self._used_bytes.set(used * info.bytes_per_block)
         self._mha_used_bytes.set(used * info.block_size * info.mha_bytes_per_token)
 
@@ -269,6 +289,8 @@ class EngineMetrics:
         """The core's state and step timings (an engine/messages.SchedulerStats)."""
         self._running.set(stats.num_running)
         self._waiting.set(stats.num_waiting)
+        self._vllm_running.set(stats.num_running)
+        self._vllm_waiting.set(stats.num_waiting)
         self._set_usage(stats.num_blocks_used)
         for seconds, tokens, seqs in zip(stats.step_durations, stats.step_tokens,
                                          stats.step_seqs):
