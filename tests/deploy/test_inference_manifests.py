@@ -36,6 +36,20 @@ EPP_METRIC_FLAGS = {
     "--kv-cache-usage-percentage-metric": "vllm:kv_cache_usage_perc",
 }
 KV_EVENTS_PORT = 5557
+# The EPP's flags (GIE's EPP runner, Options.AddFlags, plus controller-runtime's zap flags):
+# a misspelt one stops the EPP at start.
+EPP_FLAGS = {
+    "--grpc-port", "--ha-enable-leader-election", "--pool-group", "--pool-namespace",
+    "--pool-name", "--endpoint-selector", "--endpoint-target-ports",
+    "--model-server-metrics-scheme", "--model-server-metrics-path",
+    "--model-server-metrics-https-insecure-skip-verify", "--refresh-metrics-interval",
+    "--refresh-prometheus-metrics-interval", "--metrics-staleness-threshold",
+    "--total-queued-requests-metric", "--total-running-requests-metric",
+    "--kv-cache-usage-percentage-metric", "--lora-info-metric", "--cache-info-metric", "--v",
+    "--tracing", "--health-checking", "--metrics-port", "--grpc-health-port", "--enable-pprof",
+    "--cert-path", "--enable-cert-reload", "--secure-serving", "--metrics-endpoint-auth",
+    "--config-file", "--config-text", "--zap-encoder", "--zap-log-level", "--zap-devel",
+}
 
 
 # ---- loading ----------------------------------------------------------------------------
@@ -249,6 +263,11 @@ def test_the_epp_watches_this_pool_with_its_config_and_rights():
     epp = obj("Deployment", "tpaserve-pool-epp")
     pod = epp["spec"]["template"]["spec"]
     (c,) = pod["containers"]
+    for arg in c["args"]:
+        assert arg.split("=", 1)[0] in EPP_FLAGS, arg
+    assert flag(c["args"], "--pool-namespace") == "$(POD_NAMESPACE)"
+    (ns_env,) = [e for e in c["env"] if e["name"] == "POD_NAMESPACE"]
+    assert ns_env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert flag(c["args"], "--pool-name") == pool["metadata"]["name"]
     assert flag(c["args"], "--pool-group") == pool["apiVersion"].split("/")[0]
     # the config file is the ConfigMap's key, mounted where --config-file says
