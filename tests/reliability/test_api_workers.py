@@ -117,9 +117,14 @@ def test_killing_an_api_process_stops_the_server(start_server):
 def test_killing_the_main_process_leaves_nothing_behind(start_server):
     s = start_server(*FLAGS)
     pids, core = api_pids(s), core_pid(s)
+    with open(f"/proc/{pids[0]}/environ", "rb") as f:
+        env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+    metrics_dir = env[b"PROMETHEUS_MULTIPROC_DIR"].decode()
+    assert os.path.isdir(metrics_dir)
     s.proc.kill()
     s.proc.wait(timeout=10)
     wait_gone([*pids, core], 10)
+    assert not os.path.exists(metrics_dir)          # the API processes removed it
 
 
 def test_sigterm_drains_every_process(start_server, expect):

@@ -36,6 +36,9 @@ import threading
 logger = logging.getLogger("tpaserve")
 
 
+METRICS_DIR_PREFIX = "tpaserve-metrics-"
+
+
 def serve_with_workers(engine_args, server_args, config, core, sock: socket.socket,
                        names: list[str]) -> int:
     """Start the API processes over a ready core (a CoreProcess for len(outputs) clients),
@@ -124,13 +127,18 @@ def run_api_worker(index: int, engine_args, server_args, names: list[str],
 def _exit_with_parent(sentinel: int) -> None:
     multiprocessing.connection.wait([sentinel])
     logging.getLogger("tpaserve").error("the main process went away: exiting")
+    # its exit hook that removes the metrics directory did not run (SIGKILL): every API
+    # process tries, the first one wins
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if os.path.basename(path).startswith(METRICS_DIR_PREFIX):
+        shutil.rmtree(path, ignore_errors=True)
     os._exit(1)
 
 
 def metrics_dir() -> str:
     """A fresh PROMETHEUS_MULTIPROC_DIR for this server's API processes (set in the
     environment before any of them starts; removed at exit)."""
-    path = tempfile.mkdtemp(prefix="tpaserve-metrics-")
+    path = tempfile.mkdtemp(prefix=METRICS_DIR_PREFIX)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     import atexit
     atexit.register(shutil.rmtree, path, True)
