@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call (2026-12-03, session 4): the gpu tests of the merged main (structured
-# outputs on CUDA, the non-finite guard), the guard's cost (offline T6-medium, with and
-# without the guard line, same run), and structured outputs' cost served (bench/structured).
+# outputs on CUDA, the non-finite guard) and structured outputs' cost served
+# (bench/structured). The guard's cost is gpu_check_2026-12-03c.sh's.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:.
@@ -9,15 +9,6 @@ OUT=${OUT:-/tmp/out}
 python3 -m pytest -q -m gpu tests/engine/test_engine_gpu.py 2>&1 | tail -4
 python3 -m bench.make_random_checkpoint --preset t6-medium --out /tmp/ck --max-position 4096 >/dev/null
 F="--max-num-seqs 256 --cache-memory 24GiB --max-num-batched-tokens 8192"
-off() { python3 -m bench.offline --model /tmp/ck --num-prompts 1024 --input-len 512 --output-len 256 \
-        --vocab-size 1000 --temperature 1.0 -- $F 2>&1 | grep "out tok/s"; }
-echo "guard on:";  off; off
-cp tpaserve/runner/sampler.py /tmp/sampler.py
-sed -i -e 's/^        return tokens.masked_fill(broken, NONFINITE)$/        return tokens/' \
-       -e 's/^        broken = ~(x.amax(dim=-1) < float("inf")).*$/        broken = None/' tpaserve/runner/sampler.py
-grep -c "amax\|masked_fill(broken" tpaserve/runner/sampler.py
-echo "guard off:"; off; off
-cp /tmp/sampler.py tpaserve/runner/sampler.py
 python3 -m bench.structured --model /tmp/ck --name t6-medium --input-len 512 --output-len 256 \
    --concurrency 64 --num-prompts 512 --json $OUT/structured_t6m.json -- $F 2>&1 | tail -8
 python3 -m bench.structured --model tpaserve/demo/t6-demo --name t6-demo --input-len 256 --output-len 128 \

@@ -105,12 +105,15 @@ def ref_model(checkpoint: Path) -> T6:
     return load(checkpoint, dtype="float32", device="cpu").eval()
 
 
-def launch(checkpoint: Path, log: Path, *flags: str, api_key: str | None = API_KEY,
+def launch(checkpoint: Path | None, log: Path, *flags: str, api_key: str | None = API_KEY,
            env: dict | None = None, entry: tuple[str, ...] = ("-m", "tpaserve")) -> Server:
-    """Start `python <entry> --model checkpoint ...` on a free port and wait for /health."""
-    args = [sys.executable, *entry, "--model", str(checkpoint), "--host", "127.0.0.1",
-            "--port", "0", "--device", "cpu", "--served-model-name", MODEL_NAME, "--log-level",
-            "info", *flags]
+    """Start `python <entry> --model checkpoint ...` on a free port and wait for /health.
+    checkpoint None: no --model, the bundled demo model under its own name, as a new user
+    runs it."""
+    model = [] if checkpoint is None else ["--model", str(checkpoint), "--served-model-name",
+                                           MODEL_NAME]
+    args = [sys.executable, *entry, *model, "--host", "127.0.0.1", "--port", "0", "--device",
+            "cpu", "--log-level", "info", *flags]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", TPASERVE_API_KEY=api_key or "")
     full_env.update(env or {})
     with open(log, "wb") as out:
@@ -120,25 +123,6 @@ def launch(checkpoint: Path, log: Path, *flags: str, api_key: str | None = API_K
                                 cwd=Path(__file__).resolve().parents[2],
                                 start_new_session=True)
     server = Server(proc, "", log, api_key)
-    try:
-        _wait_ready(server)
-    except BaseException:
-        stop(server)
-        raise
-    return server
-
-
-def launch_demo(log: Path) -> Server:
-    """`tpaserve` with no --model: the bundled demo model, as a new user runs it (no API
-    key, CPU), on a free port, ready."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("TPASERVE_API_KEY", None)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tpaserve", "--host", "127.0.0.1",
-                                 "--port", "0", "--device", "cpu"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env,
-                                cwd=Path(__file__).resolve().parents[2])
-    server = Server(proc, "", log, None)
     try:
         _wait_ready(server)
     except BaseException:
@@ -184,6 +168,16 @@ def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     s = launch(checkpoint, log, "--no-enable-prefix-caching", "--max-num-seqs", "16",
                "--num-blocks", "512", "--block-size", "16",
                "--max-request-body-bytes", str(BODY_LIMIT))
+    try:
+        yield s
+    finally:
+        stop(s)
+
+
+@pytest.fixture(scope="session")
+def demo_server(tmp_path_factory: pytest.TempPathFactory):
+    """The bundled demo model served as `tpaserve` with no --model (no API key)."""
+    s = launch(None, tmp_path_factory.mktemp("demo") / "tpaserve.log", api_key=None)
     try:
         yield s
     finally:

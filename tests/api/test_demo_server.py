@@ -2,20 +2,6 @@
 `make serve`, checked through a real server and the official openai client."""
 import re
 
-import pytest
-
-from tests.api.conftest import launch_demo, stop
-
-
-@pytest.fixture(scope="module")
-def demo_server(tmp_path_factory):
-    log = tmp_path_factory.mktemp("demo") / "tpaserve.log"
-    server = launch_demo(log)
-    try:
-        yield server
-    finally:
-        stop(server)
-
 
 def test_demo_model_is_served_under_its_name(demo_server):
     models = demo_server.client().models.list()

@@ -14,7 +14,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.api.conftest import Server, launch_demo, stop
+from tests.api.conftest import Server
 
 MODEL = "t6-demo"
 PERSON = {"type": "object",
@@ -32,16 +32,6 @@ PROMPTS = ["Describe Elizabeth", "Who is Mr. Bingley?", "Tell me about Jane",
            "Charlotte Lucas", "Pemberley", "Mr. Wickham", "Kitty and Lydia",
            "Mary played the piano", "Georgiana Darcy", "Colonel Fitzwilliam",
            "Sir William Lucas", "The letter", "Longbourn", "Meryton"]
-
-
-@pytest.fixture(scope="module")
-def demo_server(tmp_path_factory):
-    log = tmp_path_factory.mktemp("structured") / "tpaserve.log"
-    server = launch_demo(log)
-    try:
-        yield server
-    finally:
-        stop(server)
 
 
 async def _gather(server: Server, calls):

@@ -40,6 +40,22 @@ def _run(engine, prompts, params):
     return [done[str(i)] for i in range(len(prompts))]
 
 
+def forbid_host_syncs(eng) -> list[tuple[int, int]]:
+    """Make every ModelRunner.execute of `eng` raise on a host-device sync (torch's sync
+    debug mode); returns the list it appends each step's (num_steps, tokens) to."""
+    kinds, execute = [], eng.core.runner.execute
+
+    def strict(sched):
+        kinds.append((sched.num_steps, sum(r.num_tokens for r in sched.requests)))
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return execute(sched)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    eng.core.runner.execute = strict
+    return kinds
+
+
 @pytest.mark.parametrize("q_rank", [6, None])
 def test_kernels_and_graphs_match_reference_engine(q_rank):
     cfg = ModelConfig(n_layer=3, n_head=47, head_dim=64, n_embd=256, vocab_size=2048, k_rank=2,
@@ -83,16 +99,7 @@ def test_execute_never_waits_for_the_device():
     eng = build_engine(model, **kw)
     warm = _run(eng, prompts[:4], SamplingParams(max_tokens=3))     # Triton compiles here
     assert warm
-    kinds, execute = [], eng.core.runner.execute
-
-    def strict(sched):
-        kinds.append((sched.num_steps, sum(r.num_tokens for r in sched.requests)))
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return execute(sched)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    eng.core.runner.execute = strict
+    kinds = forbid_host_syncs(eng)
     for i, (p, sp) in enumerate(zip(prompts, params)):
         eng.add_request(str(i), p, sp)
     while eng.has_unfinished_requests():
@@ -138,15 +145,7 @@ def test_on_cuda_masks_hold_without_host_syncs_beside_graphs_and_rounds():
     yes = StructuredOutputsParams(choice=["yes"])
     run(eng, [("w0", prompts[0], SamplingParams(max_tokens=3)),       # Triton compiles here
               ("w1", prompts[1], SamplingParams(max_tokens=3, structured_outputs=yes))])
-    execute = eng.core.runner.execute
-
-    def strict(sched):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return execute(sched)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    eng.core.runner.execute = strict
+    forbid_host_syncs(eng)
     schema = StructuredOutputsParams(json=SCHEMA)
     reqs += [(f"s{i}", p, SamplingParams(max_tokens=80, temperature=0.7 * (i % 2), seed=i,
                                          structured_outputs=schema))

@@ -116,17 +116,13 @@ def check_tools(tools: list | None, tool_choice: Any, functions: list | None,
     """Base models have no tool-call format: a request that lets the model call a tool is a
     400 saying so. tool_choice "none" (and history messages of earlier tool calls) are
     fine: the model is asked for text only. The tools are not shown to the model."""
-    if tools and tool_choice != "none":
-        raise bad_request(
-            "tools: this server serves base models, which have no tool-call format; tools "
-            "can only be sent with tool_choice \"none\"", "tools")
-    if not tools and tool_choice not in (None, "none"):
-        raise bad_request("tool_choice: needs tools, and this server only accepts "
-                          "tool_choice \"none\"", "tool_choice")
-    if functions and function_call != "none":
-        raise bad_request(
-            "functions: this server serves base models, which have no tool-call format; "
-            "functions can only be sent with function_call \"none\"", "functions")
-    if not functions and function_call not in (None, "none"):
-        raise bad_request("function_call: needs functions, and this server only accepts "
-                          "function_call \"none\"", "function_call")
+    for listed, choice, what, chooser in ((tools, tool_choice, "tools", "tool_choice"),
+                                          (functions, function_call, "functions",
+                                           "function_call")):
+        if listed and choice != "none":
+            raise bad_request(
+                f"{what}: this server serves base models, which have no tool-call format; "
+                f"{what} can only be sent with {chooser} \"none\"", what)
+        if not listed and choice not in (None, "none"):
+            raise bad_request(f"{chooser}: needs {what}, and this server only accepts "
+                              f"{chooser} \"none\"", chooser)

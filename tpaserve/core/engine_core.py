@@ -213,8 +213,6 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         """One step's worth of outputs (possibly none while the first step is in flight).
         Raises EngineDeadError after MAX_CONSECUTIVE_FAILURES failed steps in a row."""
-        if self.kv_events is None:
-            return self._step()
         try:
             return self._step()
         finally:
