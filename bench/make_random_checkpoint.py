@@ -7,6 +7,8 @@ model.safetensors, bf16 by default). The tokenizer is a small sentencepiece BPE 
 on generated text (no downloads): benchmarks send token-id prompts below its vocab size
 (printed, and returned by make_checkpoint), so its quality does not matter; its size only
 bounds which ids the server samples, not the model's compute (the full lm_head still runs).
+It has no byte pieces, so it cannot spell JSON punctuation: structured-output benchmarks
+take a real tokenizer instead (`--tokenizer tpaserve/demo/t6-demo`, 8192 tokens, copied).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import argparse
 import dataclasses
 import os
 import random
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,9 +47,21 @@ def train_tokenizer(directory: Path, vocab_size: int = 1000, seed: int = 0) -> i
     return spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model")).vocab_size()
 
 
+def copy_tokenizer(src: Path, directory: Path) -> int:
+    """src's tokenizer.model (and tokenizer_config.json) into directory; its vocab size."""
+    if not (src / "tokenizer.model").is_file():
+        raise SystemExit(f"--tokenizer {src}: no tokenizer.model there")
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        if (src / name).is_file():
+            shutil.copy(src / name, directory / name)
+    return spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model")).vocab_size()
+
+
 def make_checkpoint(preset: str, out: str | Path, *, max_position: int = 4096,
-                    dtype: str = "bfloat16", seed: int = 0, tokenizer_vocab: int = 1000) -> dict:
-    """Save the checkpoint and tokenizer; returns {path, vocab_size (tokenizer's), params}."""
+                    dtype: str = "bfloat16", seed: int = 0, tokenizer_vocab: int = 1000,
+                    tokenizer_from: str | Path | None = None) -> dict:
+    """Save the checkpoint and tokenizer (trained here, or tokenizer_from's files copied);
+    returns {path, vocab_size (tokenizer's), params}."""
     out = Path(out)
     # the longest context the server will accept, whatever the preset or config.json says
     cfg = dataclasses.replace(model_config(preset), max_position=max_position)
@@ -54,7 +69,13 @@ def make_checkpoint(preset: str, out: str | Path, *, max_position: int = 4096,
     save_checkpoint(model, out, format="safetensors")
     params = sum(p.numel() for p in model.parameters())
     del model
-    vocab = train_tokenizer(out, tokenizer_vocab, seed)
+    if tokenizer_from is None:
+        vocab = train_tokenizer(out, tokenizer_vocab, seed)
+    else:
+        vocab = copy_tokenizer(Path(tokenizer_from), out)
+        if vocab > cfg.vocab_size:
+            raise SystemExit(f"--tokenizer has {vocab} tokens, more than the model's "
+                             f"{cfg.vocab_size}")
     return dict(path=str(out), model=cfg.name, vocab_size=vocab, params=params,
                 max_position=max_position)
 
@@ -71,10 +92,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer-vocab", type=int, default=1000)
+    ap.add_argument("--tokenizer", help="copy this directory's sentencepiece tokenizer "
+                    "instead of training one (e.g. tpaserve/demo/t6-demo)")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(16, os.cpu_count() or 1)))
     info = make_checkpoint(args.preset, args.out, max_position=args.max_position,
-                           dtype=args.dtype, seed=args.seed, tokenizer_vocab=args.tokenizer_vocab)
+                           dtype=args.dtype, seed=args.seed, tokenizer_vocab=args.tokenizer_vocab,
+                           tokenizer_from=args.tokenizer)
     print(f"{info['model']} ({info['params'] / 1e6:.0f}M parameters, random) -> {info['path']}; "
           f"tokenizer vocab {info['vocab_size']}: send token ids below it")
     return info

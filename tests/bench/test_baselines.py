@@ -74,3 +74,27 @@ def test_random_checkpoint_loads_with_its_tokenizer(tiny_config, tmp_path):
     assert model.lm_head.weight.abs().sum() > 0
     tok = load_tokenizer(tmp_path / "ckpt")
     assert tok.vocab_size == info["vocab_size"] <= 300
+
+
+def test_random_checkpoint_can_take_a_real_tokenizer(tiny_config, tmp_path):
+    """--tokenizer copies one that spells JSON (the structured-output benchmark's need);
+    one larger than the model's vocabulary is refused."""
+    from tpaserve.args import DEMO_DIR
+    with pytest.raises(SystemExit, match="more than the model's 97"):
+        make_random_checkpoint.make_checkpoint(str(tiny_config), tmp_path / "small",
+                                               tokenizer_from=DEMO_DIR)
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({**TINY, "vocab_size": 8200}))
+    info = make_random_checkpoint.make_checkpoint(str(big), tmp_path / "ckpt",
+                                                  max_position=64, tokenizer_from=DEMO_DIR)
+    tok = load_tokenizer(tmp_path / "ckpt")
+    assert info["vocab_size"] == tok.vocab_size == 8192
+    assert tok.decode(tok.encode('{"a": [1]}', add_special_tokens=False)) == '{"a": [1]}'
+
+
+def test_mask_cost_walks_its_schema_at_both_vocabularies():
+    from bench import mask_cost
+    rows = mask_cost.main(["--rows", "1,3", "--steps", "4", "--vocab", "8192,9000"])
+    assert [(r["vocab"], r["rows"]) for r in rows] == [(8192, 1), (8192, 3), (9000, 1),
+                                                       (9000, 3)]
+    assert all(r["fill_us"] > 0 and r["consume_us"] > 0 for r in rows)

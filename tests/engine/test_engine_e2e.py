@@ -75,7 +75,7 @@ def engine(model: T6, **kw) -> LLMEngine:
 def record_steps(eng: LLMEngine) -> list:
     """Wraps runner.execute; returns the list the scheduler outputs are appended to."""
     steps, execute = [], eng.core.runner.execute
-    eng.core.runner.execute = lambda sched: steps.append(sched) or execute(sched)
+    eng.core.runner.execute = lambda sched, **kw: steps.append(sched) or execute(sched, **kw)
     return steps
 
 
@@ -510,12 +510,12 @@ def test_failed_step_fails_only_its_requests_and_engine_goes_on(model):
     eng = engine(model, max_num_seqs=2)
     execute, calls = eng.core.runner.execute, []
 
-    def flaky(sched):
+    def flaky(sched, **kw):
         if sched.requests:
             calls.append([r.request_id for r in sched.requests])
             if len(calls) == 3:
                 raise RuntimeError("device fell over")
-        return execute(sched)
+        return execute(sched, **kw)
     eng.core.runner.execute = flaky
     for i, p in enumerate(prompts):
         eng.add_request(str(i), p, sp)
@@ -545,7 +545,7 @@ def test_failed_step_fails_only_its_requests_and_engine_goes_on(model):
 def test_consecutive_failures_kill_the_engine(t6):
     eng = engine(t6)
 
-    def broken(sched):
+    def broken(sched, **kw):
         raise RuntimeError("still broken")
     eng.core.runner.execute = broken
     for k in range(MAX_CONSECUTIVE_FAILURES - 1):

@@ -41,17 +41,26 @@ def _run(engine, prompts, params):
 
 
 def forbid_host_syncs(eng) -> list[tuple[int, int]]:
-    """Make every ModelRunner.execute of `eng` raise on a host-device sync (torch's sync
-    debug mode); returns the list it appends each step's (num_steps, tokens) to."""
+    """Make every ModelRunner.execute of `eng`, and the held-back sampling of a step with
+    grammar masks (PendingOutput.sample), raise on a host-device sync (torch's sync debug
+    mode); returns the list each step's (num_steps, tokens, deferred) is appended to."""
     kinds, execute = [], eng.core.runner.execute
 
-    def strict(sched):
-        kinds.append((sched.num_steps, sum(r.num_tokens for r in sched.requests)))
+    def no_sync(fn, *args, **kw):
         torch.cuda.set_sync_debug_mode("error")
         try:
-            return execute(sched)
+            return fn(*args, **kw)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+    def strict(sched, **kw):
+        pending = no_sync(execute, sched, **kw)
+        kinds.append((sched.num_steps, sum(r.num_tokens for r in sched.requests),
+                      pending.deferred is not None))
+        if pending.deferred is not None:
+            sample = pending.sample
+            pending.sample = lambda mask: no_sync(sample, mask)
+        return pending
     eng.core.runner.execute = strict
     return kinds
 
@@ -70,7 +79,7 @@ def test_kernels_and_graphs_match_reference_engine(q_rank):
     assert fast.core.runner.graphs is not None and fast.core.runner.ops is not TorchOps
     assert fast.core.config.scheduler.num_scheduler_steps > 1 and fast.core.async_scheduling
     rounds, execute = [], fast.core.runner.execute
-    fast.core.runner.execute = lambda s: rounds.append(s.num_steps) or execute(s)
+    fast.core.runner.execute = lambda s, **k: rounds.append(s.num_steps) or execute(s, **k)
     ref = build_engine(model, enforce_eager=True, num_scheduler_steps=1, **kw)
     ref.core.runner.ops = TorchOps
     a, b = _run(fast, prompts, params), _run(ref, prompts, params)
@@ -104,7 +113,7 @@ def test_execute_never_waits_for_the_device():
         eng.add_request(str(i), p, sp)
     while eng.has_unfinished_requests():
         eng.step()
-    assert any(k > 1 for k, _ in kinds) and any(t > 100 for _, t in kinds)
+    assert any(k > 1 for k, _, _ in kinds) and any(t > 100 for _, t, _ in kinds)
     assert eng.core.blocks.num_free == eng.core.blocks.num_blocks
 
 
@@ -145,7 +154,7 @@ def test_on_cuda_masks_hold_without_host_syncs_beside_graphs_and_rounds():
     yes = StructuredOutputsParams(choice=["yes"])
     run(eng, [("w0", prompts[0], SamplingParams(max_tokens=3)),       # Triton compiles here
               ("w1", prompts[1], SamplingParams(max_tokens=3, structured_outputs=yes))])
-    forbid_host_syncs(eng)
+    kinds = forbid_host_syncs(eng)
     schema = StructuredOutputsParams(json=SCHEMA)
     reqs += [(f"s{i}", p, SamplingParams(max_tokens=80, temperature=0.7 * (i % 2), seed=i,
                                          structured_outputs=schema))
@@ -157,6 +166,7 @@ def test_on_cuda_masks_hold_without_host_syncs_beside_graphs_and_rounds():
         v = json.loads(o.text)
         assert set(v) == {"id", "tag", "name"} and 0 <= v["id"] <= 99, v
         assert v["tag"] in ("red", "blue") and re.fullmatch("[a-z]{1,3}", v["name"]), v
+    assert any(d for _, _, d in kinds) and any(k > 1 for k, _, _ in kinds)
     agree = sum(done[k].outputs[0].token_ids == v for k, v in want.items())
     assert agree >= len(prompts) - 1, f"{agree}/{len(prompts)}"
     assert_drained(eng)

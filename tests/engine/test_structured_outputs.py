@@ -97,7 +97,8 @@ def test_constraints_hold_and_survive_rounds_chunks_and_preemption(tok_model, sp
                        plain_requests(tok))
     assert {k: v for k, v in base_ids.items() if k.startswith("plain")} == alone
 
-    variants = {"rounds": dict(num_scheduler_steps=4),
+    variants = {"sync": dict(async_scheduling=False),
+                "rounds": dict(num_scheduler_steps=4),
                 "chunked": dict(max_num_batched_tokens=7),
                 "preempt": dict(num_blocks=40, max_num_batched_tokens=64)}
     for name, kw in variants.items():
@@ -155,7 +156,7 @@ def test_an_engine_without_a_tokenizer_refuses_constrained_requests(tok_model):
 def test_a_request_whose_grammar_compiles_is_passed_over_not_waited_for():
     """Scheduler alone (pure Python): a waiting request whose grammar is not ready stays
     queued while the requests behind it run; once ready it is scheduled, and while it lives
-    the core must step synchronously and no round forms."""
+    no round forms (the core still steps asynchronously: see the overlap test)."""
     from tests.engine.test_scheduler import make, req
 
     class Pending:
@@ -165,7 +166,7 @@ def test_a_request_whose_grammar_compiles_is_passed_over_not_waited_for():
     slow.grammar = Pending()
     s.add_requests([slow])
     s.add_requests([req("fast", [4, 5, 6])])
-    assert s.num_constrained == 1 and s.needs_history
+    assert s.num_constrained == 1 and not s.needs_history
     out = s.schedule()
     assert [r.request_id for r in out.requests] == ["fast"] and s.waiting == [slow]
     slow.grammar.ready = True
@@ -231,3 +232,34 @@ def test_a_failed_grammar_ends_its_request_with_an_error_not_a_stop(tok_model, s
     assert "grammar" in bad.error.message
     assert done["plain"].outputs[0].finish_reason == "length"
     assert_drained(eng)
+
+
+def test_constrained_steps_overlap_the_next_forward_with_the_mask(tok_model, spm_tokenizer):
+    """Async scheduling keeps a step in flight while constrained requests live: step N+1's
+    forward is launched with its sampling held back, N is finished, then N+1's masks are
+    filled from N's tokens and its sampling enqueued. Every step with constrained rows takes
+    that path (none samples unmasked), and the outputs are those of synchronous stepping."""
+    tok = spm_tokenizer
+    reqs = workload(tok)
+    ids = {}
+    for overlap in (False, True):
+        eng = build_engine(tok_model, tokenizer=tok, **{**ENGINE, "async_scheduling": overlap})
+        runner, execute = eng.core.runner, eng.core.runner.execute
+        deferred, in_flight = [], []
+
+        def spy(sched, defer_sampling=False):
+            # every request is constrained: a step defers iff some row samples
+            deferred.append(defer_sampling == any(r.sample for r in sched.requests))
+            return execute(sched, defer_sampling=defer_sampling)
+        runner.execute = spy
+        for rid, prompt, params, _ in reqs:
+            eng.add_request(rid, prompt, params)
+        while eng.has_unfinished_requests():
+            eng.step()
+            in_flight.append(eng.core.in_flight is not None)
+        assert_drained(eng)
+        assert all(deferred), "a step with constrained rows sampled without its mask"
+        assert any(in_flight) == overlap, in_flight
+        ids[overlap], _ = outputs(build_engine(tok_model, tokenizer=tok,
+                                               **{**ENGINE, "async_scheduling": overlap}), reqs)
+    assert ids[True] == ids[False]

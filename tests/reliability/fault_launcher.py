@@ -48,13 +48,13 @@ def install() -> None:
     from tpaserve.runner.model_runner import ModelRunner
     real = ModelRunner.execute
 
-    def execute(self, sched):
+    def execute(self, sched, **kw):
         if sched.requests:           # a step with no requests only drops finished state
             if delay:
                 time.sleep(delay)
             if fault_file and _take_fault(Path(fault_file)):
                 raise RuntimeError(FAULT_MESSAGE)
-        return real(self, sched)
+        return real(self, sched, **kw)
 
     ModelRunner.execute = execute
 

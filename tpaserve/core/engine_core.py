@@ -13,8 +13,15 @@ Async scheduling (config.async_scheduling, on by default): at most one step is i
 so the host's work for N+1 (scheduling, block tables, input buffers) and for N's outputs
 runs while the device computes. The scheduler plans N+1 without N's samples (placeholders;
 engine/scheduler.py) and the runner feeds them on the device. While a live request samples
-from its output history (penalties, min_tokens) or under a grammar (structured outputs: a
-step's token mask needs the token before; core/structured.py) the core steps synchronously.
+from its output history (penalties, min_tokens) the core steps synchronously.
+
+Structured outputs (core/structured.py): a step with rows under a grammar needs, for its
+token mask, the samples of the step before on the host. So its forward is launched with
+sampling held back; then step N is finished (its tokens go to the matchers), N+1's mask is
+filled on the host while N+1's forward runs, and N+1's sampling is enqueued with it:
+
+    host    schedule N+1 | launch fwd N+1 | wait N | update N, accept | mask N+1 | sample N+1
+    device  ... fwd N, sample N | fwd N+1 ..................................... | sample N+1
 
 KV-cache events (--kv-events-endpoint): the block manager records its prefix cache's
 changes; after each step (and a reset) the core hands them, as one batch, to the publisher
@@ -239,27 +246,35 @@ class EngineCore:
             if self.in_flight is not None:
                 return self._finish(self.in_flight)
             launched = self._launch()
-            return self._finish(launched) if isinstance(launched, tuple) else launched
+            if isinstance(launched, list):
+                return launched
+            failed = self._sample_masked(launched)
+            return failed if failed is not None else self._finish(launched)
         launched = self._launch()
         outs = launched if isinstance(launched, list) else []
         if self.in_flight is not None:
             outs = self._finish(self.in_flight) + outs
+        if isinstance(launched, tuple):
+            # after N's finish: N+1's mask needs N's tokens in the matchers
+            failed = self._sample_masked(launched)
+            if failed is not None:
+                outs, launched = outs + failed, None
         self.in_flight = launched if isinstance(launched, tuple) else None
         return outs
 
     def _launch(self):
         """Schedule and enqueue a step: (sched, pending, t0), or a list of outputs when the
-        step failed at once or there was nothing to run."""
+        step failed at once or there was nothing to run. A step with constrained rows is
+        enqueued without its sampling (see _sample_masked)."""
         t0 = time.monotonic()
         if not self.scheduler.has_unfinished():
             return []
         sched = self.scheduler.schedule()
         try:
-            if self.scheduler.num_constrained:          # the fast path never looks further
-                mask = self.grammars.bitmask(sched, self.scheduler.requests)  # (S, W) | None
-                if mask is not None:
-                    sched = dataclasses.replace(sched, grammar_bitmask=mask)
-            pending = self.runner.execute(sched)
+            # the fast path never looks further than the count
+            masked = bool(self.scheduler.num_constrained) and self.grammars.constrained(
+                sched, self.scheduler.requests)
+            pending = self.runner.execute(sched, defer_sampling=masked)
         except Exception as exc:                       # noqa: BLE001 - reported per request
             return self._fail_step(sched, exc)
         finally:
@@ -268,6 +283,22 @@ class EngineCore:
             self.grammars.wait()           # nothing runs: maybe every request's grammar compiles
             return []
         return sched, pending, t0
+
+    def _sample_masked(self, launched: tuple[SchedulerOutput, PendingOutput, float]
+                       ) -> list[EngineCoreOutput] | None:
+        """Fill a launched step's grammar masks (its forward runs meanwhile) and enqueue its
+        held-back sampling. None, or the failed step's outputs."""
+        sched, pending, _ = launched
+        if pending.deferred is None:
+            return None
+        t0 = time.monotonic()
+        try:
+            pending.sample(self.grammars.bitmask(sched, self.scheduler.requests))  # (S, W)
+        except Exception as exc:                       # noqa: BLE001 - reported per request
+            return self._fail_step(sched, exc)
+        finally:
+            self._host += time.monotonic() - t0
+        return None
 
     def _finish(self, launched: tuple[SchedulerOutput, PendingOutput, float]
                 ) -> list[EngineCoreOutput]:
@@ -283,7 +314,7 @@ class EngineCore:
         self._wait += t2 - t1
         self.consecutive_failures = 0
         grammars = self.grammars.of(sched, self.scheduler.requests) \
-            if sched.grammar_bitmask is not None else {}
+            if self.scheduler.num_constrained else {}
         outs = self.scheduler.update(sched, result)
         # a row that ended in this step before its non-finite sample (EOS) ended well
         errors = {rid: NONFINITE_MESSAGE for rid in result.nonfinite

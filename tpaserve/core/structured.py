@@ -4,19 +4,26 @@ sequence, compiled off the step loop, and the token bitmask of each step's const
     admission      Grammars.submit(req)          compile in a thread pool; req.grammar is a
                                                  Grammar whose `ready` the scheduler reads
                                                  (a request is not scheduled before it)
-    before a step  Grammars.bitmask(sched)       (S, W) int32, W = ceil(vocab / 32): bit t of
+    a step         Grammars.constrained(sched)   whether a sampling row of it is constrained:
+                                                 then its forward is launched with sampling
+                                                 held back (ModelRunner.execute)
+    after the step before it is updated
+                   Grammars.accept(outs)         each matcher consumes its sequence's new tokens
+                   Grammars.bitmask(sched)       (S, W) int32, W = ceil(vocab / 32): bit t of
                                                  row j set iff sampling row j may pick token t
-                                                 (-1 rows: unconstrained); None: no row is
-    after a step   Grammars.accept(outs)         each matcher consumes its sequence's new tokens
+                                                 (-1 rows: unconstrained), filled while the
+                                                 forward runs; PendingOutput.sample(mask)
 
-Invariant: a live constrained request's matcher has consumed exactly its output tokens.
-It holds because a constrained request never has a sample in flight when it is scheduled
-(the scheduler makes the core step synchronously while one lives and never puts it in a
-multi-step round: its next mask needs its last token on the host), and `accept` runs after
-every update, before the next schedule. So nothing ever rolls back: a stop string aborts the
-request (the matcher goes with it), a preempted request keeps its tokens and its matcher
-(recomputing its prompt and outputs samples nothing new), and each of n > 1 sequences is a
-request with its own matcher.
+Invariant: when a step's mask is filled, each of its constrained requests' matchers has
+consumed exactly the request's output tokens before that step's sample. It holds because a
+step's mask is filled only after the step before it was updated and accepted (the core:
+launch N+1's forward, finish N, then fill N+1's mask and sample; vLLM's order), and a
+constrained request never joins a multi-step round (its next mask needs its last token on
+the host). So nothing ever rolls back: a stop string aborts the request (the matcher goes
+with it), a preempted request keeps its tokens and its matcher (recomputing its prompt and
+outputs samples nothing new), and each of n > 1 sequences is a request with its own matcher.
+A row whose request ended at the step before (its token in flight was EOS, or it was
+aborted) is not constrained: what it samples is dropped by the update.
 
 A matcher that is stopped (its grammar is complete) allows only EOS, so the sequence ends;
 llguidance's masks include EOS wherever the grammar may end. A grammar that failed (to
@@ -113,15 +120,19 @@ class Grammars:
                 self.eos = self._lltok.eos_token      # the tokenizer's, if the config had none
             return self._lltok
 
-    def bitmask(self, sched: SchedulerOutput, requests: dict[str, Request]) -> np.ndarray | None:
-        """The allowed tokens of each sampling row of `sched` (in order), or None."""
-        rows = [requests[s.request_id] for s in sched.requests if s.sample]
-        if not any(r.grammar is not None for r in rows):
-            return None
+    @staticmethod
+    def constrained(sched: SchedulerOutput, requests: dict[str, Request]) -> bool:
+        """Whether a row of `sched` samples under a grammar (just scheduled: all live)."""
+        return any(s.sample and requests[s.request_id].grammar is not None
+                   for s in sched.requests)
+
+    def bitmask(self, sched: SchedulerOutput, requests: dict[str, Request]) -> np.ndarray:
+        """The allowed tokens of each sampling row of `sched` (in order): (S, W)."""
+        rows = [_live(s, requests) for s in sched.requests if s.sample]
         mask = np.full((len(rows), self.width), -1, np.int32)               # (S, W)
         live = []
         for j, r in enumerate(rows):
-            if r.grammar is not None:
+            if r is not None and r.grammar is not None:
                 assert r.grammar.ready, f"{r.request_id} scheduled before its grammar compiled"
                 if r.grammar.done:
                     mask[j] = 0
@@ -141,8 +152,8 @@ class Grammars:
     def of(sched: SchedulerOutput, requests: dict[str, Request]) -> dict[str, Grammar]:
         """The grammars of `sched`'s constrained requests (taken before the update, which
         forgets the requests it finishes)."""
-        return {s.request_id: g for s in sched.requests
-                if (g := requests[s.request_id].grammar) is not None}
+        return {s.request_id: r.grammar for s in sched.requests
+                if (r := _live(s, requests)) is not None and r.grammar is not None}
 
     @staticmethod
     def broken(grammars: dict[str, Grammar]) -> dict[str, str]:
@@ -166,6 +177,13 @@ class Grammars:
             if not req.grammar.done and not m.consume_tokens(o.new_token_ids):
                 logger.warning("request %s: token(s) %s rejected by its grammar: %s",
                                o.request_id, o.new_token_ids, m.get_error())
+
+
+def _live(s, requests: dict[str, Request]) -> Request | None:
+    """The live request a scheduled row belongs to, or None: it ended since (a step in
+    flight), possibly with its id admitted again."""
+    r = requests.get(s.request_id)
+    return r if r is not None and r.serial == s.serial else None
 
 
 def build_lltokenizer(path: str | None, vocab_size: int,

@@ -14,7 +14,6 @@ requests that left.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from tpaserve.sampling_params import SamplingParams
 
@@ -69,10 +68,6 @@ class SchedulerOutput:
     new_requests: list[NewRequest] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)   # runner drops their tables
     finished_ids: list[str] = field(default_factory=list)    # runner drops all their state
-    # structured outputs: (S, W) int32 numpy array, one row per sampling request in order,
-    # bit t of row j set iff it may sample token t (-1: any); set by the core after
-    # schedule() (core/structured.py), None when no row is constrained
-    grammar_bitmask: Any = None
 
     @property
     def num_tokens(self) -> int:

@@ -18,10 +18,12 @@ runner takes from the step in flight on the device. Bookkeeping of what is *sche
 (computed positions, prompt logprobs) happens in schedule(); `update()` only appends what
 was sampled and applies the stop conditions. A request never gets more samples in flight
 than max_tokens and the context allow; one whose sampling reads its output history
-(penalties, min_tokens) or whose next token a grammar constrains (structured outputs: the
-mask depends on the last token) waits until it has no placeholder, and the core steps
-synchronously while such a request lives. A constrained request whose grammar is still
-compiling (Request.grammar.ready) is passed over in the waiting queue.
+(penalties, min_tokens) waits until it has no placeholder, and the core steps synchronously
+while such a request lives. One whose next token a grammar constrains (structured outputs)
+may have one sample in flight like any other: the core fills its mask once that sample is
+on the host (core/engine_core.py); it never joins a multi-step round. A constrained request
+whose grammar is still compiling (Request.grammar.ready) is passed over in the waiting
+queue.
 
 Multi-step rounds (config.num_scheduler_steps = k > 1): when every scheduled request only
 decodes plainly (samples, no logprobs, no knob that reads the output history) and no prompt
@@ -193,10 +195,9 @@ class Scheduler:
 
     @property
     def needs_history(self) -> bool:
-        """Some live request samples from its output history or under a grammar: the core
-        steps without a step in flight while it lives, so that history (and the grammar's
-        state) is always whole on the host."""
-        return any(_needs_host(r) for r in self.requests.values())
+        """Some live request samples from its output history: the core steps without a step
+        in flight while it lives, so that history is always whole on the host."""
+        return any(_needs_history(r) for r in self.requests.values())
 
     # ---- one step --------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -272,7 +273,7 @@ class Scheduler:
         """Positions a running request could compute now (before the budget): 0 while its
         sampling needs history it does not have yet, or when every token it may still
         produce is already in flight."""
-        if req.num_placeholders and _needs_host(req):
+        if req.num_placeholders and _needs_history(req):
             return 0
         total = req.num_tokens_with_placeholders
         n = total - req.num_computed_tokens
@@ -434,8 +435,7 @@ class Scheduler:
 
 def _needs_host(req: Request) -> bool:
     """Whether sampling this request needs its last token on the host: for its output
-    history, or for its grammar's next mask. It never has a sample in flight when scheduled
-    and never joins a multi-step round."""
+    history, or for its grammar's next mask. It never joins a multi-step round."""
     return req.grammar is not None or _needs_history(req)
 
 

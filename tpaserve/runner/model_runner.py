@@ -10,7 +10,10 @@ become device tensors:
        the RunnerOutput (plain lists)
 
 `execute` never waits for the device, so the engine core can plan the next step while this
-one runs (async scheduling). An input token the scheduler does not know yet (PLACEHOLDER: the
+one runs (async scheduling). With `defer_sampling` (a step with rows under a grammar) it
+enqueues only the forward: the core fills the grammar's token mask while the forward runs
+(it needs the step before's samples on the host) and then `PendingOutput.sample(mask)`
+enqueues the sampling. An input token the scheduler does not know yet (PLACEHOLDER: the
 step in flight samples it) is taken on the device from `last_sampled`, which every step
 updates with each request's last sample, indexed by the request's table row.
 
@@ -54,8 +57,18 @@ class PendingOutput:
     logprob_rows: LogprobsOnDevice | None = None
     prompt_logprobs: list[tuple[str, LogprobsOnDevice]] = field(default_factory=list)
     event: torch.cuda.Event | None = None
+    # a forward whose sampling waits for sample(mask) (execute(..., defer_sampling=True))
+    deferred: tuple[_Step, torch.Tensor] | None = None
+
+    def sample(self, bitmask: np.ndarray) -> None:
+        """Enqueue the held-back sampling of this step's logits under `bitmask` (S, W)
+        int32 (core/structured.py). Never waits for the device."""
+        step, logits = self.deferred
+        self.deferred = None
+        step.finish(self, logits, bitmask)
 
     def result(self) -> RunnerOutput:
+        assert self.deferred is None, "a deferred step was never sampled"
         if self.event is not None:
             self.event.synchronize()                 # waits without holding the GIL
         out = RunnerOutput(sampled={})
@@ -105,7 +118,7 @@ class ModelRunner:
 
     # ---- the step --------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> PendingOutput:
+    def execute(self, sched: SchedulerOutput, defer_sampling: bool = False) -> PendingOutput:
         st = self.states
         for rid in sched.finished_ids:
             st.finish(rid)
@@ -121,7 +134,7 @@ class ModelRunner:
             grown = torch.zeros(st.num_rows, dtype=torch.int64, device=self.device)
             grown[:self.last_sampled.numel()] = self.last_sampled
             self.last_sampled = grown
-        return _Step(self, sched, reqs, states).run()
+        return _Step(self, sched, reqs, states).run(defer_sampling)
 
 
 class _Step:
@@ -130,7 +143,6 @@ class _Step:
     def __init__(self, runner: ModelRunner, sched: SchedulerOutput,
                  reqs: list[ScheduledRequest], states):
         self.r, self.reqs, self.states = runner, reqs, states
-        self.bitmask: np.ndarray | None = sched.grammar_bitmask              # (S, W) int32
         bs = runner.block_size
         B = self.B = len(reqs)
         self.K = sched.num_steps
@@ -155,7 +167,7 @@ class _Step:
         self.sample_rows = self.qsl[1:][self.sampling] - 1                   # (S,)
 
     # ---- the forwards ----------------------------------------------------------------------
-    def run(self) -> PendingOutput:
+    def run(self, defer_sampling: bool) -> PendingOutput:
         r, reqs, g = self.r, self.reqs, self.r.graphs
         plp = [i for i, x in enumerate(reqs) if x.prompt_logprobs_from is not None]
         S = len(self.sampling)
@@ -182,16 +194,27 @@ class _Step:
                              kernels=False)                                  # (T, d)
             logits = r.model.compute_logits(hidden[buf.sample_rows[:S]]) if S else None
         pending = PendingOutput()
-        if S:
-            self._sample(logits, pending)
         for i in plp:
             pending.prompt_logprobs.append(self._prompt_logprobs(i, hidden))
-        if r.device.type == "cuda":
-            pending.event = torch.cuda.Event()
-            pending.event.record()
+        if defer_sampling and S:
+            # held until the mask is ready: a graph's logits stay valid, nothing else is
+            # enqueued before sample() (the core's next launch comes after it)
+            pending.deferred = (self, logits)
+        else:
+            self.finish(pending, logits if S else None, None)
         return pending
 
-    def _sample(self, logits: torch.Tensor, pending: PendingOutput) -> None:
+    def finish(self, pending: PendingOutput, logits: torch.Tensor | None,
+               bitmask: np.ndarray | None) -> None:
+        """Sampling (under `bitmask`, if any) and the event the host's read waits for."""
+        if logits is not None:
+            self._sample(logits, pending, bitmask)
+        if self.r.device.type == "cuda":
+            pending.event = torch.cuda.Event()
+            pending.event.record()
+
+    def _sample(self, logits: torch.Tensor, pending: PendingOutput,
+                bitmask: np.ndarray | None) -> None:
         r, reqs = self.r, self.reqs
         rows = [SamplingRow(params=r.states.states[reqs[i].request_id].params,
                             prompt_token_ids=r.states.states[reqs[i].request_id].prompt_token_ids,
@@ -199,11 +222,11 @@ class _Step:
                             generator=r.states.states[reqs[i].request_id].generator)
                 for i in self.sampling]
         meta = r.sampler.metadata(rows, r.device)
-        if self.bitmask is not None:
+        if bitmask is not None:
             # before sampling and logprobs: a constrained row's logprobs are those of the
             # masked distribution (as vLLM reports them); no round has constrained rows
-            assert self.K == 1 and self.bitmask.shape[0] == len(rows), self.bitmask.shape
-            logits = apply_token_bitmask(logits, self.bitmask)
+            assert self.K == 1 and bitmask.shape[0] == len(rows), bitmask.shape
+            logits = apply_token_bitmask(logits, bitmask)
         samples = [r.sampler.sample_ids(logits, meta)]                       # [(S,)]
         want = [j for j, row in enumerate(rows) if row.params.logprobs is not None]
         if want:                                   # single steps only (no round has them)
