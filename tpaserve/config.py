@@ -70,6 +70,11 @@ class ModelConfig:
         return (self.k_rank + self.v_rank) * (self.n_head + self.head_dim)
 
     @property
+    def cache_elems_per_token_layer(self) -> int:
+        """The family's common name for it (models/dense.py, models/mla.py have theirs)."""
+        return self.factor_elems_per_token_layer
+
+    @property
     def mha_equivalent_heads(self) -> int:
         """Heads of a same-size MHA model: d_model / d_h (the paper's comparison)."""
         return max(1, self.n_embd // self.head_dim)

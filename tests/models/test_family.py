@@ -171,3 +171,23 @@ def test_mla_missing_latent_tensor_is_named(tmp_path):
     torch.save(sd, path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="missing: transformer.h.0.attn.kv_a_layernorm"):
         load_any(path, dtype="float32", device="cpu")
+
+
+def test_cache_bytes_per_token_of_the_paper_sizes():
+    """Medium (24 layers, d_model 1024) in bf16, from the authors' medium configs: T6 h 47
+    R 2; MHA 16 x 64; GQA 30 heads, group_size 15 (2 kv heads); MQA 31 heads; MLA with
+    their class defaults kv_lora_rank 256, qk_rope_head_dim 32 (what their script builds)."""
+    from tpaserve.config import ModelConfig
+    from tpaserve.runner.factor_cache import FactorCacheSpec, cache_bytes_per_token
+    t6 = ModelConfig(n_layer=24, n_head=47, head_dim=64, n_embd=1024, vocab_size=50304,
+                     k_rank=2, v_rank=2, q_rank=6)
+    dense = dict(n_layer=24, head_dim=64, n_embd=1024, vocab_size=50304)
+    mha = DenseConfig(n_head=16, n_kv_head=16, **dense)
+    gqa = DenseConfig(n_head=30, n_kv_head=2, **dense)
+    mqa = DenseConfig(n_head=31, n_kv_head=1, **dense)
+    mla = MLAConfig(n_layer=24, n_head=23, n_embd=1024, vocab_size=50304, q_lora_rank=512,
+                    kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64)
+    got = {c: cache_bytes_per_token(c, torch.bfloat16) for c in (t6, mha, gqa, mqa, mla)}
+    assert list(got.values()) == [24 * 444 * 2, 24 * 2048 * 2, 24 * 256 * 2, 24 * 128 * 2,
+                                  24 * 288 * 2]
+    assert got[t6] == FactorCacheSpec.from_model(t6, torch.bfloat16, 16).bytes_per_token

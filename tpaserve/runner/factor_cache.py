@@ -17,6 +17,18 @@ from tpaserve.config import ModelConfig
 _ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
 
 
+def cache_bytes_per_token(cfg, dtype: torch.dtype) -> int:
+    """Bytes a paged cache holds per token, all layers, for any member of the family:
+    layers x cache_elems_per_token_layer x itemsize, with per layer
+        T6 / T6-KVonly  (R_K + R_V)(h + d_h)    the four factors (FactorCacheSpec below)
+        MHA / GQA / MQA 2 n_kv d_h              keys and values of the kv heads: served as
+                                                non-contextual TPA, A is a per-layer constant
+        MLA             kv_lora_rank + rope     the latent and the shared RoPE'd key
+    Only T6 has a cache today; the others' numbers size the one item 3 of #17 adds
+    (docs/kernel_notes.md, "The family in the factor cache")."""
+    return cfg.n_layer * cfg.cache_elems_per_token_layer * _ITEMSIZE[dtype]
+
+
 @dataclass(frozen=True)
 class FactorCacheSpec:
     n_layer: int
