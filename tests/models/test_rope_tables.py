@@ -144,3 +144,26 @@ def test_gpu_engine_with_kernels_and_graphs_gives_the_authors_logprobs(kind, rop
     print(f"{kind} {rope_tables}: max |d prompt logprob| {same:.2e} vs the tables asked for, "
           f"{other:.2e} vs the other tables")
     assert same <= 1e-2 and other >= 4 * same
+
+
+@pytest.mark.xfail(strict=True, reason="core/engine_core.py (another session's file) must "
+                   "call load(config.model, ..., rope_tables=config.rope_tables)")
+def test_engine_core_hands_rope_tables_to_the_loader(monkeypatch):
+    """--rope-tables reaches EngineConfig.rope_tables (args.py); the core must pass it on."""
+    from tpaserve.args import EngineArgs
+    from tpaserve.core.engine_core import EngineCore
+    from tpaserve.models import loader
+    config = EngineArgs(rope_tables="exact", device="cpu").create_engine_config()
+    assert config.rope_tables == "exact"
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def fake_load(path, dtype="auto", device="auto", rope_tables="trained"):
+        seen["rope_tables"] = rope_tables
+        raise Loaded
+    monkeypatch.setattr(loader, "load", fake_load)
+    with pytest.raises(Loaded):
+        EngineCore(config)
+    assert seen["rope_tables"] == "exact"
