@@ -191,3 +191,16 @@ def test_cache_bytes_per_token_of_the_paper_sizes():
     assert list(got.values()) == [24 * 444 * 2, 24 * 2048 * 2, 24 * 256 * 2, 24 * 128 * 2,
                                   24 * 288 * 2]
     assert got[t6] == FactorCacheSpec.from_model(t6, torch.bfloat16, 16).bytes_per_token
+
+
+@pytest.mark.parametrize("model", [
+    DenseLM(DenseConfig(n_layer=1, n_head=4, n_kv_head=2, head_dim=6, n_embd=12, vocab_size=9)),
+    MLA(MLAConfig(n_layer=1, n_head=2, n_embd=12, vocab_size=9, q_lora_rank=5,
+                  kv_lora_rank=3, qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=3)),
+], ids=["gqa", "mla"])
+def test_engine_refuses_a_module_of_another_variant_in_one_line(model):
+    from tpaserve.config import ConfigError
+    from tpaserve.frontend.llm_engine import build_engine
+    with pytest.raises(ConfigError, match="not implemented yet") as e:
+        build_engine(model, device="cpu", num_blocks=8)
+    assert "\n" not in str(e.value) and model.cfg.variant.upper() in str(e.value)

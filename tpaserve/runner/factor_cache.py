@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tpaserve.config import ModelConfig
+from tpaserve.config import ConfigError, ModelConfig
 
 _ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
 
@@ -42,6 +42,11 @@ class FactorCacheSpec:
 
     @classmethod
     def from_model(cls, cfg: ModelConfig, dtype: torch.dtype, block_size: int) -> "FactorCacheSpec":
+        if not isinstance(cfg, ModelConfig):        # a module handed to the engine directly
+            raise ConfigError(
+                f"{type(cfg).__name__} ({getattr(cfg, 'variant', '?').upper()}): serving this "
+                f"variant through the paged factor cache is not implemented yet (#17 item 3); "
+                f"the engine serves T6 and T6-KVonly")
         return cls(cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.k_rank, cfg.v_rank, dtype,
                    block_size, cfg.mha_equivalent_heads)
 
