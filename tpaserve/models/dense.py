@@ -21,8 +21,14 @@ from torch import nn
 from tpaserve.config import ConfigError, check_rope_table_dtype
 from tpaserve.models.attention import AttentionBackend
 from tpaserve.models.decoder import DecoderLM
-from tpaserve.models.layers import FusibleLinears, Rotary, fused_ops, linear
-from tpaserve.models.t6 import HeadRMSNorm
+from tpaserve.models.layers import (
+    GROUPNORM_EPS,
+    FusibleLinears,
+    Rotary,
+    WeightedRMSNorm,
+    fused_ops,
+    linear,
+)
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,7 @@ class DenseAttention(FusibleLinears):
         self.c_k = nn.Linear(d, g * dh, bias=False)
         self.c_v = nn.Linear(d, g * dh, bias=False)
         self.c_proj = nn.Linear(h * dh, d, bias=False)
-        self.subln = HeadRMSNorm(dh) if cfg.using_groupnorm else None
+        self.subln = WeightedRMSNorm(dh, GROUPNORM_EPS) if cfg.using_groupnorm else None
         self._mixing: dict[tuple, torch.Tensor] = {}    # (device, dtype) -> (h, n_kv)
 
     def _fusible(self) -> list[nn.Linear]:

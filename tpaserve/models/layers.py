@@ -25,6 +25,24 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+GROUPNORM_EPS = 1e-5                      # the authors' subln (config flag using_groupnorm)
+LATENT_NORM_EPS = 1e-6                    # their RMSNorm default: MLA's q_a / kv_a norms
+
+
+class WeightedRMSNorm(nn.Module):
+    """RMSNorm with a weight (dim,) over the last dim: the authors' per-head subln (eps
+    1e-5) and MLA's latent norms (eps 1e-6). Theirs normalises in fp32, rounds to the input
+    dtype, then scales; F.rms_norm is the same function up to that rounding."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, eps=self.eps)
+
+
 def fused_ops():
     """kernels/fused.py, imported on first use (it needs triton; CPU-only paths never do)."""
     from tpaserve.kernels import fused

@@ -24,15 +24,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tpaserve.config import ConfigError, check_rope_table_dtype
 from tpaserve.models.decoder import DecoderLM
-from tpaserve.models.layers import Rotary, linear
-from tpaserve.models.t6 import HeadRMSNorm
-
-LORA_NORM_EPS = 1e-6                       # the authors' RMSNorm default (q_a, kv_a norms)
+from tpaserve.models.layers import (
+    GROUPNORM_EPS,
+    LATENT_NORM_EPS,
+    Rotary,
+    WeightedRMSNorm,
+    linear,
+)
 
 
 @dataclass(frozen=True)
@@ -84,32 +86,22 @@ class MLAConfig:
         return self.kv_lora_rank + self.qk_rope_head_dim
 
 
-class LoraNorm(nn.Module):
-    """RMSNorm with weight, eps 1e-6, over the latent (q_a_layernorm, kv_a_layernorm)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.size(-1),), self.weight, eps=LORA_NORM_EPS)
-
-
 class MLAttention(nn.Module):
     def __init__(self, cfg: MLAConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         d, h = cfg.n_embd, cfg.n_head
         self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=False)
-        self.q_a_layernorm = LoraNorm(cfg.q_lora_rank)
+        self.q_a_layernorm = WeightedRMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
         self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * cfg.q_head_dim, bias=False)
-        self.kv_a_layernorm = LoraNorm(cfg.kv_lora_rank)
+        self.kv_a_layernorm = WeightedRMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
                                             bias=False)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
                                    bias=False)
         self.c_proj = nn.Linear(h * cfg.v_head_dim, d, bias=False)
-        self.subln = HeadRMSNorm(cfg.q_head_dim) if cfg.using_groupnorm else None
+        self.subln = (WeightedRMSNorm(cfg.q_head_dim, GROUPNORM_EPS) if cfg.using_groupnorm
+                      else None)
 
     def forward(self, x, cos, sin, attn, kernels: bool = False) -> torch.Tensor:
         """x (T, d); cos, sin (T, rope/2). attn must offer dense() (the full-sequence

@@ -17,16 +17,20 @@ skinny GEMM (use_skinny); lm_head stays on cuBLAS (already near bandwidth).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tpaserve.config import ModelConfig
 from tpaserve.kernels.reference import query_ref
 from tpaserve.models.attention import AttentionBackend
 from tpaserve.models.decoder import DecoderLM
-from tpaserve.models.layers import FusibleLinears, Rotary, fused_ops, linear
-
-GROUPNORM_EPS = 1e-5
+from tpaserve.models.layers import (
+    GROUPNORM_EPS,
+    FusibleLinears,
+    Rotary,
+    WeightedRMSNorm,
+    fused_ops,
+    linear,
+)
 
 
 class FactorProjections(FusibleLinears):
@@ -52,24 +56,14 @@ class FactorProjections(FusibleLinears):
         return q + [self.W_A_k, self.W_B_k, self.W_A_v, self.W_B_v]
 
 
-class HeadRMSNorm(nn.Module):
-    """Per-head RMSNorm with weight (d_h,), eps 1e-5 (config flag using_groupnorm)."""
-
-    def __init__(self, head_dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(head_dim))
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(y, (y.size(-1),), self.weight, eps=GROUPNORM_EPS)
-
-
 class TPAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         self.c_qkv = FactorProjections(cfg)
         self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
-        self.subln = HeadRMSNorm(cfg.head_dim) if cfg.using_groupnorm else None
+        # per-head RMSNorm with weight on the attention output (config flag using_groupnorm)
+        self.subln = WeightedRMSNorm(cfg.head_dim, GROUPNORM_EPS) if cfg.using_groupnorm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn: AttentionBackend, kernels: bool = False) -> torch.Tensor:
