@@ -86,12 +86,13 @@ def test_paged_engine_gives_the_authors_prompt_logprobs(name, rope_tables, tmp_p
 
 @pytest.mark.parametrize("name", ["t6", "t6-kvonly", "gqa"])
 def test_kernel_path_gives_the_authors_logprobs(name, tmp_path):
-    """The query kernels (form_queries, rope_queries) under the Triton interpreter."""
+    """The query kernels (form_queries, rope_queries) under the Triton interpreter, on the
+    fused projections (the engine's CUDA configuration)."""
     pytest.importorskip("triton")
     cfg, fmt, _ = VARIANTS[name]
     ref = AuthorsGPT(cfg).randomize(seed=3, std=0.35).eval()
     model = load_any(save_authors_checkpoint(ref, tmp_path, fmt), "float32", "cpu")
-    model.use_kernels = True
+    model.fuse_projections().use_kernels = True
     seqs = sequences(cfg.vocab_size)[:2]                          # the interpreter is slow
     delta = (tpaserve_logprobs(model, seqs) - authors_logprobs(ref, seqs, False)).abs().max()
     assert delta.item() <= 5e-5
