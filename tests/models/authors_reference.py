@@ -1,7 +1,7 @@
 """An independent re-implementation of the authors' model classes (tensorgi/TPA: model/T6.py,
-T6_kvonly.py, llama-mha.py, llama-gqa.py, T6-new/model/llama-mla.py), written from their
-equations, conventions and state-dict key names, batch-first as theirs are, sharing no code
-with tpaserve.models. It is the oracle for "an authors' checkpoint gives the authors'
+T6_kvonly.py, llama-mha.py, llama-gqa.py, llama-mla.py and T6-new/model/llama-mla.py),
+written from their equations, conventions and state-dict key names, batch-first as theirs
+are, sharing no code with tpaserve.models. It is the oracle for "an authors' checkpoint gives the authors'
 logprobs" (tests/models/test_family.py).
 
 What it reproduces on purpose, because trained weights depend on it:
@@ -31,7 +31,7 @@ from torch import nn
 @dataclass
 class AuthorsConfig:
     """Their GPTConfig fields (model_args of train_adam.py, plus each file's extras)."""
-    kind: str                      # "t6" | "t6-kvonly" | "mha" | "gqa" | "mla"
+    kind: str                      # "t6" | "t6-kvonly" | "mha" | "gqa" | "mla" | "mla-v1"
     n_layer: int = 2
     n_head: int = 4
     n_embd: int = 32
@@ -175,7 +175,8 @@ class DenseAttention(nn.Module):
 
 
 class LatentAttention(nn.Module):
-    """llama-mla (T6-new version: RoPE at token positions on q_pe and the shared k_pe)."""
+    """llama-mla: kind "mla" = T6-new/model/llama-mla.py (RoPE at token positions on q_pe and
+    the shared k_pe); "mla-v1" = the older model/llama-mla.py (see forward)."""
 
     def __init__(self, c: AuthorsConfig):
         super().__init__()
@@ -197,9 +198,19 @@ class LatentAttention(nn.Module):
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))).view(B, T, h, nope + rope)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([c.kv_lora_rank, rope], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(B, T, h, nope + dv)
-        cos, sin = rotary_tables(T, rope, exact, x.device)
-        q_pe = rotate(q[..., nope:], cos, sin)
-        k_pe = rotate(k_pe.view(B, T, 1, rope), cos, sin).expand(B, T, h, rope)
+        if c.kind == "mla":
+            cos, sin = rotary_tables(T, rope, exact, x.device)
+            q_pe = rotate(q[..., nope:], cos, sin)
+            k_pe = rotate(k_pe.view(B, T, 1, rope), cos, sin)
+        else:   # "mla-v1", model/llama-mla.py: its Rotary reads the length from axis 1 of
+            # (B, heads, T, d) tensors: n_head for q_pe, 1 for the one-head k_pe
+            q_pe = q[..., nope:].transpose(1, 2)                          # (B, h, T, rope)
+            cos, sin = rotary_tables(h, rope, exact, x.device)            # (1, h, 1, rope/2)
+            q_pe = rotate(q_pe, cos, sin).transpose(1, 2)
+            k_pe = k_pe.view(B, T, 1, rope).transpose(1, 2)               # (B, 1, T, rope)
+            cos, sin = rotary_tables(1, rope, exact, x.device)
+            k_pe = rotate(k_pe, cos, sin).transpose(1, 2)
+        k_pe = k_pe.expand(B, T, h, rope)
         q = torch.cat([q[..., :nope], q_pe], dim=-1)
         k = torch.cat([kv[..., :nope], k_pe], dim=-1)
         y = causal(q, k, kv[..., nope:], scale=1 / math.sqrt(nope + rope))
@@ -209,7 +220,7 @@ class LatentAttention(nn.Module):
 
 
 ATTENTION = {"t6": T6Attention, "t6-kvonly": T6Attention, "mha": DenseAttention,
-             "gqa": DenseAttention, "mla": LatentAttention}
+             "gqa": DenseAttention, "mla": LatentAttention, "mla-v1": LatentAttention}
 
 
 class SwiGLU(nn.Module):

@@ -204,3 +204,21 @@ def test_engine_refuses_a_module_of_another_variant_in_one_line(model):
     with pytest.raises(ConfigError, match="not implemented yet") as e:
         build_engine(model, device="cpu", num_blocks=8)
     assert "\n" not in str(e.value) and model.cfg.variant.upper() in str(e.value)
+
+
+def test_older_mla_file_reproduces_with_mla_rope_head_index(tmp_path):
+    """The authors' older model/llama-mla.py turned q_pe by its head index and k_pe not at
+    all; its checkpoints look like the current file's, so config.json must say so."""
+    cfg, _, _ = VARIANTS["mla"]
+    ref = AuthorsGPT(dataclasses.replace(cfg, kind="mla-v1")).randomize(seed=3, std=0.35)
+    path = save_authors_checkpoint(ref.eval(), tmp_path, "safetensors")
+    seqs = sequences(cfg.vocab_size)
+    wrong = tpaserve_logprobs(load_any(path, dtype="float32", device="cpu"), seqs)  # no field
+    raw = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(raw | {"mla_rope": "head_index"}))
+    for rope_tables in ("trained", "exact"):
+        model = load_any(path, dtype="float32", device="cpu", rope_tables=rope_tables)
+        assert model.cfg.mla_rope == "head_index"
+        want = authors_logprobs(ref, seqs, exact=rope_tables == "exact")
+        assert (tpaserve_logprobs(model, seqs) - want).abs().max().item() <= LP_TOL
+    assert (wrong - authors_logprobs(ref, seqs, exact=False)).abs().max().item() > 0.1

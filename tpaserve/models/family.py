@@ -151,4 +151,5 @@ def _mla(raw: dict, shapes, f: Path, common: dict) -> MLAConfig:
         if k in raw and raw[k] != v:
             raise CheckpointError(f"{f}: {k} is {raw[k]} but the weights say {v}")
     return MLAConfig(n_layer=raw["n_layer"], n_head=n_head, n_embd=raw["n_embd"],
-                     qk_nope_head_dim=raw["head_dim"], **sizes, **common)
+                     qk_nope_head_dim=raw["head_dim"],
+                     mla_rope=raw.get("mla_rope", "positions"), **sizes, **common)

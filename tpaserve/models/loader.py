@@ -316,6 +316,8 @@ def _authors_config(cfg: FamilyConfig) -> dict:
         raw.update(head_dim=cfg.qk_nope_head_dim, q_lora_rank=cfg.q_lora_rank,
                    kv_lora_rank=cfg.kv_lora_rank, qk_rope_head_dim=cfg.qk_rope_head_dim,
                    v_head_dim=cfg.v_head_dim)
+        if cfg.mla_rope != "positions":
+            raw["mla_rope"] = cfg.mla_rope
     else:
         raw.update(head_dim=cfg.head_dim, rank=cfg.k_rank)
         if cfg.q_rank is not None:

@@ -14,10 +14,12 @@ k = [k_nope, k_pe]; scale 1/sqrt(nope + rope). The latent cache a server needs i
 RoPE(k_pe): kv_lora + rope numbers per token per layer. Here only the plain full-sequence
 forward exists (FullSequenceAttention.dense); no paged backend serves MLA yet.
 
-RoPE positions follow the authors' current code (T6-new/model/llama-mla.py). Their older
-model/llama-mla.py passed the head axis where Rotary reads the sequence length, so there q_pe
-was turned by its *head index* and k_pe not at all; checkpoints trained with that file do
-not reproduce here (the state dict cannot tell the two apart).
+RoPE positions (config.json `mla_rope`, absent = "positions"): "positions" follows the
+authors' current code (T6-new/model/llama-mla.py). Their older model/llama-mla.py passed
+tensors laid out (batch, heads, time, dim) to Rotary, which reads the sequence length from
+axis 1: q_pe was turned by its *head index* (one angle per head, the same at every position)
+and the one-head k_pe by angle 0, i.e. not at all. The state dict cannot tell the two apart,
+so a checkpoint trained with that file needs `"mla_rope": "head_index"` in its config.json.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ from tpaserve.models.layers import (
     linear,
 )
 
+MLA_ROPE = ("positions", "head_index")
+
 
 @dataclass(frozen=True)
 class MLAConfig:
@@ -52,6 +56,7 @@ class MLAConfig:
     using_groupnorm: bool = False
     rope_base: float = 10000.0
     rope_table_dtype: str = "float32"
+    mla_rope: str = "positions"            # MLA_ROPE: see the module docstring
     name: str = "llama-mla"
 
     def __post_init__(self) -> None:
@@ -69,6 +74,9 @@ class MLAConfig:
                 f"head_dim + qk_rope_head_dim = {self.q_head_dim} numbers, but v_head_dim is "
                 f"{self.v_head_dim} (the authors' llama-mla cannot run this either)")
         check_rope_table_dtype(self.rope_table_dtype)
+        if self.mla_rope not in MLA_ROPE:
+            raise ConfigError(f"model config: mla_rope must be one of {', '.join(MLA_ROPE)}, "
+                              f"got {self.mla_rope!r}")
 
     variant = "mla"
 
@@ -102,6 +110,15 @@ class MLAttention(nn.Module):
         self.c_proj = nn.Linear(h * cfg.v_head_dim, d, bias=False)
         self.subln = (WeightedRMSNorm(cfg.q_head_dim, GROUPNORM_EPS) if cfg.using_groupnorm
                       else None)
+        self._head_tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def head_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables at "positions" 0..h-1 (mla_rope "head_index"), the model's kind of
+        table (bf16-rounded or exact); built on first use, outside the loader's meta device."""
+        if self._head_tables is None or self._head_tables[0].device != device:
+            rot = Rotary(self.cfg.qk_rope_head_dim, self.cfg.rope_base, self.cfg.rope_table_dtype)
+            self._head_tables = rot.cos_sin(torch.arange(self.cfg.n_head, device=device))
+        return self._head_tables
 
     def forward(self, x, cos, sin, attn, kernels: bool = False) -> torch.Tensor:
         """x (T, d); cos, sin (T, rope/2). attn must offer dense() (the full-sequence
@@ -112,8 +129,13 @@ class MLAttention(nn.Module):
         c, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, rope], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(c)).view(T, h, nope + dv)
         k_nope, v = kv.split([nope, dv], dim=-1)                   # (T, h, nope), (T, h, v)
-        q_pe = Rotary.apply(q[..., nope:], cos, sin)                              # (T, h, rope)
-        k_pe = Rotary.apply(k_pe.view(T, 1, rope), cos, sin)          # (T, 1, rope), shared
+        if cfg.mla_rope == "positions":
+            q_pe = Rotary.apply(q[..., nope:], cos, sin)                          # (T, h, rope)
+            k_pe = Rotary.apply(k_pe.view(T, 1, rope), cos, sin)      # (T, 1, rope), shared
+        else:               # the older file: head j's q_pe turned by angle(j), k_pe by 0
+            cos_h, sin_h = self.head_tables(x.device)                       # (h, rope/2)
+            q_pe = Rotary.apply(q[..., nope:].transpose(0, 1), cos_h, sin_h).transpose(0, 1)
+            k_pe = k_pe.view(T, 1, rope)
         q = torch.cat((q[..., :nope], q_pe), dim=-1)                  # (T, h, nope + rope)
         k = torch.cat((k_nope, k_pe.expand(T, h, rope)), dim=-1)      # (T, h, nope + rope)
         y = attn.dense(self.layer, q, k, v)                                       # (T, h, v)
