@@ -49,7 +49,9 @@ def describe(cfg: FamilyConfig) -> str:
         return (f"MLA (n_layer={cfg.n_layer}, n_head={cfg.n_head}, n_embd={cfg.n_embd}, "
                 f"q_lora_rank={cfg.q_lora_rank}, kv_lora_rank={cfg.kv_lora_rank}, "
                 f"head_dim={cfg.qk_nope_head_dim}+{cfg.qk_rope_head_dim} rope, "
-                f"v_head_dim={cfg.v_head_dim})")
+                f"v_head_dim={cfg.v_head_dim}"
+                + (", RoPE by head index: the older llama-mla.py)"
+                   if cfg.mla_rope == "head_index" else ")"))
     return (f"{'T6-KVonly' if cfg.kv_only else 'T6'} (n_layer={cfg.n_layer}, "
             f"n_head={cfg.n_head}, head_dim={cfg.head_dim}, n_embd={cfg.n_embd}, "
             f"ranks q/k/v={cfg.q_rank}/{cfg.k_rank}/{cfg.v_rank})")
