@@ -10,16 +10,16 @@ from __future__ import annotations
 import torch
 
 from tpaserve.models.attention import FullSequenceAttention
-from tpaserve.models.t6 import T6
+from tpaserve.models.decoder import DecoderLM
 from tpaserve.runner.sampler import Sampler, SamplingRow, TokenLogprobs, compute_logprobs
 from tpaserve.sampling_params import SamplingParams
 
 
-def _device(model: T6) -> torch.device:
+def _device(model: DecoderLM) -> torch.device:
     return model.lm_head.weight.device
 
 
-def _hidden(model: T6, ids: list[int]) -> torch.Tensor:
+def _hidden(model: DecoderLM, ids: list[int]) -> torch.Tensor:
     """Whole-sequence forward: ids (L,) -> hidden (L, d_model)."""
     dev = _device(model)
     input_ids = torch.tensor(ids, dtype=torch.long, device=dev)              # (L,)
@@ -28,7 +28,7 @@ def _hidden(model: T6, ids: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_generate(model: T6, prompt_ids: list[int], params: SamplingParams,
+def reference_generate(model: DecoderLM, prompt_ids: list[int], params: SamplingParams,
                        eos_token_id: int | None, vocab_size: int | None = None) -> list[int]:
     """Generated token ids for one request.
 
@@ -62,7 +62,7 @@ def reference_generate(model: T6, prompt_ids: list[int], params: SamplingParams,
 
 
 @torch.no_grad()
-def reference_prompt_logprobs(model: T6, prompt_ids: list[int], num_top: int,
+def reference_prompt_logprobs(model: DecoderLM, prompt_ids: list[int], num_top: int,
                               vocab_size: int | None = None) -> list[TokenLogprobs | None]:
     """Per prompt token: (logprob given its prefix, top num_top [(id, logprob)] at that
     position), from the raw distribution; None for the first token (no prefix)."""

@@ -99,6 +99,10 @@ class EngineArgs:
     seed: int = _arg(0, "seed of the sampler for requests that give no seed", group="model",
                      parse=_int, metavar="N")
     enforce_eager: bool = _arg(False, "never capture CUDA graphs", group="model")
+    rope_tables: str = _arg(
+        "trained", "RoPE cos/sin tables. trained: as the checkpoint was trained (the authors' "
+        "code rounds its fp32 tables to bfloat16; config.json rope_table_dtype says otherwise); "
+        "exact: fp32 tables", group="model", choices=["trained", "exact"])
     # ---- factor cache
     block_size: int = _arg(16, "tokens per cache block", group="factor cache", parse=_int,
                            metavar="TOKENS")
@@ -194,7 +198,7 @@ class EngineArgs:
             model=str(self.model_dir), cache=cache, scheduler=scheduler, kv_events=kv_events,
             dtype=self.dtype,
             device=self.device, enforce_eager=self.enforce_eager, seed=self.seed,
-            async_scheduling=self.async_scheduling,
+            async_scheduling=self.async_scheduling, rope_tables=self.rope_tables,
             eos_token_id=tokenizer.eos_token_id if tokenizer is not None else None,
             vocab_size=tokenizer.vocab_size if tokenizer is not None else None,
             tokenizer=tokenizer.name_or_path if tokenizer is not None else None)

@@ -10,6 +10,16 @@ __all__ = ["ConfigError", "ModelConfig", "CacheConfig", "SchedulerConfig", "KVEv
            "EngineConfig", "MAX_SCHEDULER_STEPS"]
 
 
+ROPE_TABLE_DTYPES = ("bfloat16", "float32")
+ROPE_TABLES = ("trained", "exact")          # --rope-tables: as trained, or exact fp32
+
+
+def check_rope_table_dtype(value: object) -> None:
+    if value not in ROPE_TABLE_DTYPES:
+        raise ConfigError(f"model config: rope_table_dtype must be one of "
+                          f"{', '.join(ROPE_TABLE_DTYPES)}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape of a T6 / T6-KVonly model (../shared/TPA.md section 2).
@@ -27,6 +37,10 @@ class ModelConfig:
     max_position: int = 1024          # block_size in the authors' config: training context
     using_groupnorm: bool = False
     rope_base: float = 10000.0
+    # RoPE cos/sin tables as the checkpoint was trained (models/layers.Rotary): "bfloat16" =
+    # fp32 tables rounded to bf16, as the authors' Rotary does (the loader's default for
+    # their checkpoints); "float32" = exact (tpaserve-trained models, --rope-tables exact)
+    rope_table_dtype: str = "float32"
     name: str = "t6"
 
     def __post_init__(self) -> None:
@@ -39,6 +53,7 @@ class ModelConfig:
             raise ConfigError(f"model config: q_rank must be a positive integer, got {self.q_rank!r}")
         if self.head_dim % 2:
             raise ConfigError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
+        check_rope_table_dtype(self.rope_table_dtype)
 
     @property
     def kv_only(self) -> bool:
@@ -53,6 +68,11 @@ class ModelConfig:
     def factor_elems_per_token_layer(self) -> int:
         """Cache numbers per token per layer: (R_K + R_V)(h + d_h)."""
         return (self.k_rank + self.v_rank) * (self.n_head + self.head_dim)
+
+    @property
+    def cache_elems_per_token_layer(self) -> int:
+        """The family's common name for it (models/dense.py, models/mla.py have theirs)."""
+        return self.factor_elems_per_token_layer
 
     @property
     def mha_equivalent_heads(self) -> int:
@@ -184,8 +204,15 @@ class EngineConfig:
     # where that tokenizer was loaded from: the core builds structured outputs' token
     # masks from it (core/structured.py); None: constrained requests are refused
     tokenizer: str | None = None
+    # RoPE tables (ROPE_TABLES): "trained" = as the checkpoint was trained (bf16-rounded for
+    # the authors' checkpoints, config.json rope_table_dtype otherwise); "exact" = fp32.
+    # The core hands it to models.loader.load(rope_tables=...).
+    rope_tables: str = "trained"
 
     def __post_init__(self) -> None:
+        if self.rope_tables not in ROPE_TABLES:
+            raise ConfigError(f"--rope-tables must be one of {', '.join(ROPE_TABLES)}, "
+                              f"got {self.rope_tables!r}")
         if self.kv_events.endpoint is not None and not self.cache.enable_prefix_caching:
             # the events describe the prefix cache: without it there would be none
             raise ConfigError("--kv-events-endpoint publishes the prefix cache's changes: it "

@@ -240,7 +240,7 @@ def test_invalid_config_value_names_file(tmp_path):
 
 def test_bias_true_refused(tmp_path):
     save_checkpoint(T6(CFGS["t6"]).init_random(), tmp_path, extra_config={"bias": True})
-    with pytest.raises(CheckpointError, match="bias=true: tpaserve supports bias-free T6 only"):
+    with pytest.raises(CheckpointError, match="bias=true: tpaserve supports bias-free models only"):
         load(tmp_path, "fp32", "cpu")
 
 

@@ -54,10 +54,17 @@ class FullSequenceAttention:
     def __call__(self, layer, q, ak, bk, av, bv, cos, sin):
         k = materialize(ak, Rotary.apply(bk, cos, sin))           # (T, h, d_h)
         v = materialize(av, bv)
-        out = torch.empty_like(q)
+        return self.dense(layer, q, k, v)
+
+    def dense(self, layer: int, q: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> torch.Tensor:
+        """Materialised heads (MLA, mla.py): q, k (T, h, d_qk), v (T, h, d_v), RoPE already
+        applied -> softmax(q.k / sqrt(d_qk)) v (T, h, d_v) in q's dtype. Only this
+        full-sequence oracle has it: no paged backend caches materialised heads."""
+        out = q.new_empty(*q.shape[:2], v.size(-1))
         scale = 1.0 / math.sqrt(q.size(-1))
         for s, e in zip(self.cu_seqlens[:-1], self.cu_seqlens[1:]):
-            qs, ks, vs = (t[s:e].transpose(0, 1).float() for t in (q, k, v))  # (h, L, d_h)
+            qs, ks, vs = (t[s:e].transpose(0, 1).float() for t in (q, k, v))  # (h, L, d)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
             out[s:e] = o.transpose(0, 1).to(q.dtype)
         return out

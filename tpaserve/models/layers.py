@@ -25,6 +25,24 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+GROUPNORM_EPS = 1e-5                      # the authors' subln (config flag using_groupnorm)
+LATENT_NORM_EPS = 1e-6                    # their RMSNorm default: MLA's q_a / kv_a norms
+
+
+class WeightedRMSNorm(nn.Module):
+    """RMSNorm with a weight (dim,) over the last dim: the authors' per-head subln (eps
+    1e-5) and MLA's latent norms (eps 1e-6). Theirs normalises in fp32, rounds to the input
+    dtype, then scales; F.rms_norm is the same function up to that rounding."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, eps=self.eps)
+
+
 def fused_ops():
     """kernels/fused.py, imported on first use (it needs triton; CPU-only paths never do)."""
     from tpaserve.kernels import fused
@@ -52,23 +70,37 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor,
 
 
 class Rotary(nn.Module):
-    """RoPE with base `base` over d_h, half-split pairing (i, i + d_h/2) and T6's sign:
+    """RoPE with base `base` over `dim` (d_h), half-split pairing (i, i + dim/2) and T6's sign:
     y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos.
 
     cos/sin are computed in fp32 from integer positions on every call (positions of a
-    paged step are arbitrary, so there is no contiguous cache to slice).
+    paged step are arbitrary, so there is no contiguous cache to slice). table_dtype
+    "bfloat16" then rounds them to bf16 and back: the authors' Rotary does
+    `freqs.cos().bfloat16()` whatever dtype the model runs in, so every checkpoint they
+    trained saw those tables (exact fp32 ones move prompt logprobs by ~1e-2 nats). The
+    tables stay fp32 *tensors* either way, so every consumer (reference path, query and
+    store kernels, CUDA graphs) takes them unchanged: they are built here and only here.
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0):
+    def __init__(self, dim: int, base: float = 10000.0, table_dtype: str = "float32"):
         super().__init__()
         # fp32 always: a plain attribute, not a buffer, so model.to(bfloat16) cannot round it
-        self._inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self._inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.table_dtype = table_dtype
+        self._round = {"bfloat16": torch.bfloat16, "float32": None}[table_dtype]
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (T,) int -> cos, sin (T, dim/2) fp32 (values bf16-exact if rounded)."""
         if self._inv_freq.device != positions.device:
             self._inv_freq = self._inv_freq.to(positions.device)
-        theta = positions.to(torch.float32)[:, None] * self._inv_freq[None, :]  # (T, d_h/2)
-        return theta.cos(), theta.sin()
+        theta = positions.to(torch.float32)[:, None] * self._inv_freq[None, :]  # (T, dim/2)
+        cos, sin = theta.cos(), theta.sin()
+        if self._round is not None:
+            cos, sin = cos.to(self._round).float(), sin.to(self._round).float()
+        return cos, sin
+
+    def extra_repr(self) -> str:
+        return f"dim={2 * self._inv_freq.numel()}, tables={self.table_dtype}"
 
     # (T, n, d_h) x (T, d_h/2) cos, sin -> rotated (T, n, d_h); one definition, shared with
     # the kernels' references.

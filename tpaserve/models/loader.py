@@ -1,11 +1,17 @@
-"""Loading and writing the authors' T6 checkpoint directories (../shared/TPA.md section 3).
+"""Loading and writing the authors' checkpoint directories (../shared/TPA.md section 3): T6
+and T6-KVonly, and the paper's baselines llama-mha / llama-gqa (MQA) / llama-mla.
 
 A checkpoint is a directory: config.json plus the weights in one of, by preference,
     model.safetensors | model.safetensors.index.json (shards) |
     pytorch_model.bin | pytorch_model.bin.index.json (shards)
 Rules, decided once here:
-- T6 vs T6-KVonly is decided by the weight KEYS (c_q.weight => KVonly), not the config:
-  the authors' KVonly configs may still carry q_rank.
+- The variant is decided by the weight KEYS (models/family.py: c_qkv.c_q.weight => KVonly,
+  attn.c_k => MHA/GQA, attn.kv_a_proj_with_mqa => MLA), not the config: the authors save
+  them all as model_type "gpt2", and their KVonly configs may still carry q_rank.
+- RoPE tables: as the checkpoint was trained (config.json rope_table_dtype; absent = the
+  authors' bf16-rounded tables) unless rope_tables="exact" (--rope-tables exact) asks fp32.
+- load() returns a T6 (the paged engine serves only T6); load_any() any variant, for the
+  plain full-recompute forward (models/attention.FullSequenceAttention).
 - Keys may carry torch.compile's `_orig_mod.` prefix; it is stripped.
 - lm_head.weight is the tied embedding: it may be absent, present alongside
   transformer.wte.weight (same shape required; if the values differ we warn and keep wte,
@@ -19,7 +25,9 @@ source tensor is alive next to the target-dtype model.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import pickle
 import re
 import warnings
@@ -31,8 +39,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from tpaserve.config import ModelConfig
+from tpaserve.config import ROPE_TABLES
 from tpaserve.exceptions import CheckpointError, ConfigError
+from tpaserve.models.decoder import DecoderLM
+from tpaserve.models.dense import DenseConfig, DenseLM
+from tpaserve.models.family import FamilyConfig, describe, read_config
 from tpaserve.models.files import (  # noqa: F401
     BIN,
     BIN_INDEX,
@@ -42,20 +53,24 @@ from tpaserve.models.files import (  # noqa: F401
     WEIGHT_FILES,
 )
 from tpaserve.models.layers import Rotary
+from tpaserve.models.mla import MLA, MLAConfig
 from tpaserve.models.t6 import T6
 
 COMPILED_PREFIX = "_orig_mod."
 EMBEDDING, LM_HEAD = "transformer.wte.weight", "lm_head.weight"
-KV_ONLY_QUERY = "attn.c_qkv.c_q.weight"
 # Last dotted names of buffers the authors' modules may have saved; never parameters.
 # "bias" is only a buffer directly under attn (the causal mask); attn.c_proj.bias is a bias.
 IGNORED_BUFFERS = ("inv_freq", "cos_cached", "sin_cached", "freqs_cis", "masked_bias")
 IGNORED_ATTN_BUFFERS = ("attn.bias",)
-REQUIRED_FIELDS = ("n_layer", "n_head", "head_dim", "n_embd", "vocab_size", "block_size")
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
           "fp16": torch.float16, "half": torch.float16, "float32": torch.float32,
           "fp32": torch.float32, "float": torch.float32}
 MAX_LISTED = 20                                       # problems listed in one error message
+logger = logging.getLogger("tpaserve.models")
+
+
+def model_class(cfg: FamilyConfig) -> type[DecoderLM]:
+    return DenseLM if isinstance(cfg, DenseConfig) else MLA if isinstance(cfg, MLAConfig) else T6
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -173,53 +188,30 @@ def _index(root: Path) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
 
 # ---------------------------------------------------------------------------- config
 
-def _config(root: Path, names: set[str]) -> ModelConfig:
-    f = root / CONFIG_FILE
-    if not f.is_file():
-        raise CheckpointError(f"no {CONFIG_FILE} in {root}")
-    try:
-        raw = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f}: not valid JSON: {e}") from e
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{f}: expected a JSON object, found {type(raw).__name__}")
-    kv_only = any(n.endswith(KV_ONLY_QUERY) for n in names)   # the keys decide, not q_rank
-    missing = [k for k in REQUIRED_FIELDS if k not in raw]
-    if "rank" not in raw and not ("k_rank" in raw and "v_rank" in raw):
-        missing.append("rank")
-    if not kv_only and "q_rank" not in raw:
-        missing.append("q_rank")
-    if missing:
-        raise CheckpointError(f"{f} is not a T6 config (model_type {raw.get('model_type')!r}): "
-                              f"missing fields {', '.join(missing)}")
-    if raw.get("bias", False):
-        raise CheckpointError(f"{f} has bias=true: tpaserve supports bias-free T6 only "
-                              "(the authors' models are trained with bias=false)")
-    groupnorm = raw.get("using_groupnorm")
-    if groupnorm is None:                           # absent: the subln weights tell
-        groupnorm = any(n.endswith("attn.subln.weight") for n in names)
-    try:
-        return ModelConfig(
-            n_layer=raw["n_layer"], n_head=raw["n_head"], head_dim=raw["head_dim"],
-            n_embd=raw["n_embd"], vocab_size=raw["vocab_size"],
-            k_rank=raw.get("k_rank", raw.get("rank")), v_rank=raw.get("v_rank", raw.get("rank")),
-            q_rank=None if kv_only else raw["q_rank"], max_position=raw["block_size"],
-            using_groupnorm=bool(groupnorm), rope_base=float(raw.get("rope_base", 10000.0)),
-            name=str(raw.get("name", root.resolve().name)))
-    except ConfigError as e:
-        raise CheckpointError(f"{f}: {e}") from e
+def _config(root: Path, index: dict) -> FamilyConfig:
+    return read_config(root, {name: shape for name, (_, _, shape) in index.items()})
 
 
-def load_config(path: str | Path) -> ModelConfig:
+def load_config(path: str | Path) -> FamilyConfig:
+    """The checkpoint's config (ModelConfig for T6; DenseConfig / MLAConfig otherwise)."""
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint {root} is not a directory")
-    return _config(root, set(_index(root)))
+    return _config(root, _index(root))
+
+
+def rope_tables_line(cfg: FamilyConfig, rope_tables: str) -> str:
+    """The start-up log line saying which RoPE tables the model runs with, and why."""
+    if cfg.rope_table_dtype == "bfloat16":
+        return ("RoPE tables: fp32 rounded to bfloat16, as the checkpoint was trained (the "
+                "authors' Rotary); --rope-tables exact for fp32 tables")
+    why = "--rope-tables exact" if rope_tables == "exact" else "config.json rope_table_dtype"
+    return f"RoPE tables: exact fp32 ({why})"
 
 
 # ---------------------------------------------------------------------------- loading
 
-def _check(index: dict, expected: dict[str, tuple[int, ...]], root: Path, cfg: ModelConfig):
+def _check(index: dict, expected: dict[str, tuple[int, ...]], root: Path, cfg: FamilyConfig):
     """One CheckpointError listing every missing, unexpected or mis-shaped tensor."""
     def shape(s):
         return "(" + ", ".join(map(str, s)) + ")"
@@ -238,25 +230,44 @@ def _check(index: dict, expected: dict[str, tuple[int, ...]], root: Path, cfg: M
                         f"found shape {shape(index[name][2])}")
     if problems:
         more = len(problems) - MAX_LISTED
-        kind = "T6-KVonly" if cfg.kv_only else "T6"
+        kind, _, shape_ = describe(cfg).partition(" ")
         raise CheckpointError(
-            f"checkpoint {root} does not match {kind} as its config describes it "
-            f"(n_layer={cfg.n_layer}, n_head={cfg.n_head}, head_dim={cfg.head_dim}, "
-            f"n_embd={cfg.n_embd}, ranks q/k/v={cfg.q_rank}/{cfg.k_rank}/{cfg.v_rank}):\n  "
+            f"checkpoint {root} does not match {kind} as its config describes it {shape_}:\n  "
             + "\n  ".join(problems[:MAX_LISTED]) + (f"\n  ... and {more} more" if more > 0 else ""))
 
 
-def load(path: str | Path, dtype: str | torch.dtype = "auto", device: str = "auto") -> T6:
-    """Checkpoint directory -> T6 in eval mode, no grads, weights in dtype on device."""
+def load(path: str | Path, dtype: str | torch.dtype = "auto", device: str = "auto",
+         rope_tables: str = "trained") -> T6:
+    """Checkpoint directory -> T6 in eval mode, no grads, weights in dtype on device: what
+    the paged engine serves. Another variant of the family is a one-line CheckpointError
+    (load_any loads it). rope_tables: "trained" | "exact" (config.ROPE_TABLES)."""
+    model = load_any(path, dtype, device, rope_tables)
+    if not isinstance(model, T6):
+        raise CheckpointError(
+            f"{path} is {describe(model.cfg)}: tpaserve loads it for the plain full-recompute "
+            f"forward (models.loader.load_any) but serving it through the paged factor cache "
+            f"is not implemented yet (#17 item 3); the engine serves T6 and T6-KVonly")
+    return model
+
+
+def load_any(path: str | Path, dtype: str | torch.dtype = "auto", device: str = "auto",
+             rope_tables: str = "trained") -> DecoderLM:
+    """Checkpoint directory -> T6 | DenseLM | MLA (models/family.py decides) in eval mode,
+    no grads, weights in dtype on device."""
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint {root} is not a directory")
+    if rope_tables not in ROPE_TABLES:
+        raise ConfigError(f"--rope-tables must be one of {', '.join(ROPE_TABLES)}, "
+                          f"got {rope_tables!r}")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     index = _index(root)
-    cfg = _config(root, set(index))
+    cfg = _config(root, index)
+    if rope_tables == "exact":
+        cfg = dataclasses.replace(cfg, rope_table_dtype="float32")
     with torch.device("meta"):
-        model = T6(cfg)
+        model = model_class(cfg)(cfg)
     expected = {n: tuple(p.shape) for n, p in model.named_parameters()}  # lm_head is wte
     if LM_HEAD in index and EMBEDDING not in index:
         index[EMBEDDING] = index.pop(LM_HEAD)       # only the head was saved: it is wte
@@ -281,30 +292,45 @@ def load(path: str | Path, dtype: str | torch.dtype = "auto", device: str = "aut
             del t
     model.lm_head.weight = model.transformer.wte.weight                  # re-tie
     if head is not None and not torch.equal(head, model.transformer.wte.weight):
-        warnings.warn(f"{root}: lm_head.weight differs from transformer.wte.weight; T6 ties "
-                      "them, so the embedding is used for both", stacklevel=2)
+        warnings.warn(f"{root}: lm_head.weight differs from transformer.wte.weight; the "
+                      "model ties them, so the embedding is used for both", stacklevel=2)
     # The only buffer: RoPE frequencies, rebuilt in fp32 (never cast to the weight dtype).
-    model.rotary = Rotary(cfg.head_dim, cfg.rope_base).to(device)
+    model.rotary = Rotary(model.rope_dim(cfg), cfg.rope_base, cfg.rope_table_dtype)
+    logger.info("%s: %s; %s", root.name, describe(cfg), rope_tables_line(cfg, rope_tables))
     return model.eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------- writing
 
-def _authors_config(cfg: ModelConfig) -> dict:
-    raw = dict(model_type="gpt2", n_layer=cfg.n_layer, n_head=cfg.n_head,
-               head_dim=cfg.head_dim, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
-               block_size=cfg.max_position, rank=cfg.k_rank, using_groupnorm=cfg.using_groupnorm,
-               bias=False, dropout=0.0)
-    if cfg.q_rank is not None:
-        raw["q_rank"] = cfg.q_rank
-    if cfg.v_rank != cfg.k_rank:
-        raw.update(k_rank=cfg.k_rank, v_rank=cfg.v_rank)
+def _authors_config(cfg: FamilyConfig) -> dict:
+    """config.json as the authors' train script writes it for this variant, plus
+    rope_table_dtype (which their checkpoints lack: bf16-rounded is implied)."""
+    raw = dict(model_type="gpt2", n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+               vocab_size=cfg.vocab_size, block_size=cfg.max_position,
+               using_groupnorm=cfg.using_groupnorm, bias=False, dropout=0.0)
+    if isinstance(cfg, DenseConfig):
+        raw["head_dim"] = cfg.head_dim
+        if cfg.n_kv_head != cfg.n_head or cfg.head_dim * cfg.n_head != cfg.n_embd:
+            raw["group_size"] = cfg.n_head // cfg.n_kv_head       # llama-gqa's config
+    elif isinstance(cfg, MLAConfig):
+        raw.update(head_dim=cfg.qk_nope_head_dim, q_lora_rank=cfg.q_lora_rank,
+                   kv_lora_rank=cfg.kv_lora_rank, qk_rope_head_dim=cfg.qk_rope_head_dim,
+                   v_head_dim=cfg.v_head_dim)
+        if cfg.mla_rope != "positions":
+            raw["mla_rope"] = cfg.mla_rope
+    else:
+        raw.update(head_dim=cfg.head_dim, rank=cfg.k_rank)
+        if cfg.q_rank is not None:
+            raw["q_rank"] = cfg.q_rank
+        if cfg.v_rank != cfg.k_rank:
+            raw.update(k_rank=cfg.k_rank, v_rank=cfg.v_rank)
     if cfg.rope_base != 10000.0:
         raw["rope_base"] = cfg.rope_base
+    raw["rope_table_dtype"] = cfg.rope_table_dtype
     return raw
 
 
-def save_checkpoint(model: T6, path: str | Path, format: str = "safetensors",
+def save_checkpoint(model: DecoderLM, path: str | Path, format: str = "safetensors",
                     compiled_prefix: bool = False, extra_config: dict | None = None) -> Path:
     """Write `model` as the authors' directory format (tests, demo model, benchmarks).
 

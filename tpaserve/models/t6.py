@@ -17,24 +17,20 @@ skinny GEMM (use_skinny); lm_head stays on cuBLAS (already near bandwidth).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tpaserve.config import ModelConfig
 from tpaserve.kernels.reference import query_ref
 from tpaserve.models.attention import AttentionBackend
+from tpaserve.models.decoder import DecoderLM
 from tpaserve.models.layers import (
+    GROUPNORM_EPS,
     FusibleLinears,
     Rotary,
-    SwiGLU,
-    add_rms_norm,
+    WeightedRMSNorm,
     fused_ops,
     linear,
-    rms_norm,
 )
-
-GROUPNORM_EPS = 1e-5
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class FactorProjections(FusibleLinears):
@@ -60,24 +56,14 @@ class FactorProjections(FusibleLinears):
         return q + [self.W_A_k, self.W_B_k, self.W_A_v, self.W_B_v]
 
 
-class HeadRMSNorm(nn.Module):
-    """Per-head RMSNorm with weight (d_h,), eps 1e-5 (config flag using_groupnorm)."""
-
-    def __init__(self, head_dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(head_dim))
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(y, (y.size(-1),), self.weight, eps=GROUPNORM_EPS)
-
-
 class TPAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         self.c_qkv = FactorProjections(cfg)
         self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
-        self.subln = HeadRMSNorm(cfg.head_dim) if cfg.using_groupnorm else None
+        # per-head RMSNorm with weight on the attention output (config flag using_groupnorm)
+        self.subln = WeightedRMSNorm(cfg.head_dim, GROUPNORM_EPS) if cfg.using_groupnorm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn: AttentionBackend, kernels: bool = False) -> torch.Tensor:
@@ -104,72 +90,7 @@ class TPAttention(nn.Module):
         return linear(y.reshape(T, h * dh), self.c_proj.weight, kernels)
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
-        super().__init__()
-        self.attn = TPAttention(cfg, layer)
-        self.mlp = SwiGLU(cfg.n_embd, cfg.mlp_hidden)
-
-    def forward(self, x, xn, cos, sin, attn, kernels: bool = False):
-        """x: residual stream (T, d); xn = rms_norm(x). Returns the next (x, rms_norm(x))."""
-        x, xn = add_rms_norm(x, self.attn(xn, cos, sin, attn, kernels), kernels)
-        return add_rms_norm(x, self.mlp(xn, kernels), kernels)
-
-
-class T6(nn.Module):
+class T6(DecoderLM):
     """T6 / T6-KVonly language model (which one: cfg.kv_only)."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
-        ))
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight            # tied
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
-        # Triton kernels for the elementwise tails: None = on CUDA tensors only (tests set
-        # True to run them under TRITON_INTERPRET on the CPU).
-        self.use_kernels: bool | None = None
-
-    def fuse_projections(self) -> "T6":
-        """One GEMM per layer for the factor projections and one for c_fc1/c_fc2 (see
-        FusedLinear). Call after loading and after any dtype/device move; idempotent.
-        Parameters become views of the fused weights; state_dict is unchanged."""
-        for block in self.transformer.h:
-            block.attn.c_qkv.fuse()
-            block.mlp.fuse()
-        return self
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn: AttentionBackend, kernels: bool | None = None) -> torch.Tensor:
-        """input_ids, positions: (T,) -> final-normed hidden states (T, d_model).
-
-        kernels: run the elementwise tails as Triton kernels (None: self.use_kernels, which
-        defaults to "on CUDA"). The engine turns them on inside CUDA graphs only: a replay
-        costs one launch per kernel, while an eager Triton launch costs ~50 us of host time
-        (Triton 3.6), more than the torch ops it replaces (docs/kernel_notes.md)."""
-        cos, sin = self.rotary.cos_sin(positions)                     # (T, d_h/2) fp32
-        x = self.transformer.wte(input_ids)                           # (T, d), fresh tensor
-        if kernels is None:
-            kernels = x.is_cuda if self.use_kernels is None else self.use_kernels
-        # Triton has no autograd; the kernels take fp16/bf16/fp32 (fp64 stays on torch)
-        kernels = kernels and not torch.is_grad_enabled() and x.dtype in KERNEL_DTYPES
-        xn = rms_norm(x)
-        for block in self.transformer.h:
-            x, xn = block(x, xn, cos, sin, attn, kernels)
-        return xn                                # the last add's norm is the final norm
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N, d_model) -> (N, vocab) fp32. Call only on rows that sample."""
-        return self.lm_head(hidden).float()
-
-    @torch.no_grad()
-    def init_random(self, seed: int = 0, std: float = 0.02) -> "T6":
-        """Random weights (tests and benchmarks); groupnorm weights stay 1 + noise."""
-        g = torch.Generator().manual_seed(seed)
-        for name, p in self.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * std
-            p.copy_((1.0 + noise * 5) if name.endswith("subln.weight") else noise)
-        return self
+    attention = TPAttention

@@ -12,9 +12,21 @@ from dataclasses import dataclass
 
 import torch
 
-from tpaserve.config import ModelConfig
+from tpaserve.config import ConfigError, ModelConfig
 
 _ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
+
+
+def cache_bytes_per_token(cfg, dtype: torch.dtype) -> int:
+    """Bytes a paged cache holds per token, all layers, for any member of the family:
+    layers x cache_elems_per_token_layer x itemsize, with per layer
+        T6 / T6-KVonly  (R_K + R_V)(h + d_h)    the four factors (FactorCacheSpec below)
+        MHA / GQA / MQA 2 n_kv d_h              keys and values of the kv heads: served as
+                                                non-contextual TPA, A is a per-layer constant
+        MLA             kv_lora_rank + rope     the latent and the shared RoPE'd key
+    Only T6 has a cache today; the others' numbers size the one item 3 of #17 adds
+    (docs/kernel_notes.md, "The family in the factor cache")."""
+    return cfg.n_layer * cfg.cache_elems_per_token_layer * _ITEMSIZE[dtype]
 
 
 @dataclass(frozen=True)
@@ -30,6 +42,11 @@ class FactorCacheSpec:
 
     @classmethod
     def from_model(cls, cfg: ModelConfig, dtype: torch.dtype, block_size: int) -> "FactorCacheSpec":
+        if not isinstance(cfg, ModelConfig):        # a module handed to the engine directly
+            raise ConfigError(
+                f"{type(cfg).__name__} ({getattr(cfg, 'variant', '?').upper()}): serving this "
+                f"variant through the paged factor cache is not implemented yet (#17 item 3); "
+                f"the engine serves T6 and T6-KVonly")
         return cls(cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.k_rank, cfg.v_rank, dtype,
                    block_size, cfg.mha_equivalent_heads)
 
