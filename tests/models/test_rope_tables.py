@@ -147,24 +147,15 @@ def test_gpu_engine_with_kernels_and_graphs_gives_the_authors_logprobs(kind, rop
     assert same <= 1e-2 and other >= 4 * same
 
 
-@pytest.mark.xfail(strict=True, reason="core/engine_core.py (another session's file) must "
-                   "call load(config.model, ..., rope_tables=config.rope_tables)")
-def test_engine_core_hands_rope_tables_to_the_loader(monkeypatch):
-    """--rope-tables reaches EngineConfig.rope_tables (args.py); the core must pass it on."""
+def test_rope_tables_flag_reaches_the_engine_core_model(tmp_path):
+    """--rope-tables (EngineArgs) -> EngineConfig.rope_tables -> the loaded model's Rotary:
+    a real checkpoint in the authors' format (no rope_table_dtype: trained = bf16)."""
     from tpaserve.args import EngineArgs
     from tpaserve.core.engine_core import EngineCore
-    from tpaserve.models import loader
-    config = EngineArgs(rope_tables="exact", device="cpu").create_engine_config()
-    assert config.rope_tables == "exact"
-    seen = {}
-
-    class Loaded(Exception):
-        pass
-
-    def fake_load(path, dtype="auto", device="auto", rope_tables="trained"):
-        seen["rope_tables"] = rope_tables
-        raise Loaded
-    monkeypatch.setattr(loader, "load", fake_load)
-    with pytest.raises(Loaded):
-        EngineCore(config)
-    assert seen["rope_tables"] == "exact"
+    save_authors_checkpoint(AuthorsGPT(VARIANTS["t6"][0]), tmp_path / "ck")
+    for flag, want in (("trained", "bfloat16"), ("exact", "float32")):
+        config = EngineArgs(model=str(tmp_path / "ck"), rope_tables=flag, device="cpu",
+                            num_blocks=16).create_engine_config()
+        core = EngineCore(config)
+        assert core.model.rotary.table_dtype == want, flag
+        core.close()

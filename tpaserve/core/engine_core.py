@@ -99,7 +99,8 @@ class EngineCore:
         if model is None:
             from tpaserve.models.loader import load
             model = load(config.model, dtype=config.dtype,
-                         device=str(resolve_device(config.device)))
+                         device=str(resolve_device(config.device)),
+                         rope_tables=config.rope_tables)
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         on_cuda = device.type == "cuda"
