@@ -41,9 +41,10 @@ def _run(engine, prompts, params):
 
 
 def forbid_host_syncs(eng) -> list[tuple[int, int]]:
-    """Make every ModelRunner.execute of `eng`, and the held-back sampling of a step with
-    grammar masks (PendingOutput.sample), raise on a host-device sync (torch's sync debug
-    mode); returns the list each step's (num_steps, tokens, deferred) is appended to."""
+    """Make every ModelRunner.execute of `eng`, and the held-back sampling of a single step
+    with grammar masks (PendingOutput.sample; a round's waits for each step's samples),
+    raise on a host-device sync (torch's sync debug mode); returns the list each step's
+    (num_steps, tokens, deferred) is appended to."""
     kinds, execute = [], eng.core.runner.execute
 
     def no_sync(fn, *args, **kw):
@@ -57,9 +58,9 @@ def forbid_host_syncs(eng) -> list[tuple[int, int]]:
         pending = no_sync(execute, sched, **kw)
         kinds.append((sched.num_steps, sum(r.num_tokens for r in sched.requests),
                       pending.deferred is not None))
-        if pending.deferred is not None:
+        if pending.deferred is not None and sched.num_steps == 1:   # a round waits by design
             sample = pending.sample
-            pending.sample = lambda mask: no_sync(sample, mask)
+            pending.sample = lambda masks: no_sync(sample, masks)
         return pending
     eng.core.runner.execute = strict
     return kinds

@@ -155,8 +155,8 @@ def test_an_engine_without_a_tokenizer_refuses_constrained_requests(tok_model):
 
 def test_a_request_whose_grammar_compiles_is_passed_over_not_waited_for():
     """Scheduler alone (pure Python): a waiting request whose grammar is not ready stays
-    queued while the requests behind it run; once ready it is scheduled, and while it lives
-    no round forms (the core still steps asynchronously: see the overlap test)."""
+    queued while the requests behind it run; once ready it is scheduled, in a round with
+    the others (the runner fills its masks step by step)."""
     from tests.engine.test_scheduler import make, req
 
     class Pending:
@@ -173,7 +173,7 @@ def test_a_request_whose_grammar_compiles_is_passed_over_not_waited_for():
     s.update(out, RunnerOutput(sampled={"fast": [7]}))
     out = s.schedule()
     assert {r.request_id for r in out.requests} == {"fast", "slow"}
-    assert out.num_steps == 1                       # no round while a grammar is live
+    assert out.num_steps == 4                       # a round holds constrained rows too
     s.finish("slow", RequestStatus.FINISHED_ABORTED)
     s.finish("fast", RequestStatus.FINISHED_ABORTED)
     assert s.num_constrained == 0 and not s.needs_history and bm.num_free == bm.num_blocks
@@ -237,19 +237,23 @@ def test_a_failed_grammar_ends_its_request_with_an_error_not_a_stop(tok_model, s
 def test_constrained_steps_overlap_the_next_forward_with_the_mask(tok_model, spm_tokenizer):
     """Async scheduling keeps a step in flight while constrained requests live: step N+1's
     forward is launched with its sampling held back, N is finished, then N+1's masks are
-    filled from N's tokens and its sampling enqueued. Every step with constrained rows takes
-    that path (none samples unmasked), and the outputs are those of synchronous stepping."""
+    filled from N's tokens and its sampling enqueued; with rounds, constrained rows run in
+    them (the runner fills each step's masks from the step before's samples). Every step
+    with constrained rows takes that path (none samples unmasked), and the outputs are
+    those of synchronous single steps."""
     tok = spm_tokenizer
     reqs = workload(tok)
     ids = {}
-    for overlap in (False, True):
-        eng = build_engine(tok_model, tokenizer=tok, **{**ENGINE, "async_scheduling": overlap})
+    for name, kw in (("sync", dict(async_scheduling=False)), ("async", {}),
+                     ("rounds", dict(num_scheduler_steps=4))):
+        eng = build_engine(tok_model, tokenizer=tok, **{**ENGINE, **kw})
         runner, execute = eng.core.runner, eng.core.runner.execute
-        deferred, in_flight = [], []
+        deferred, in_flight, rounds = [], [], []
 
         def spy(sched, defer_sampling=False):
             # every request is constrained: a step defers iff some row samples
             deferred.append(defer_sampling == any(r.sample for r in sched.requests))
+            rounds.append(sched.num_steps > 1 and defer_sampling)
             return execute(sched, defer_sampling=defer_sampling)
         runner.execute = spy
         for rid, prompt, params, _ in reqs:
@@ -258,8 +262,9 @@ def test_constrained_steps_overlap_the_next_forward_with_the_mask(tok_model, spm
             eng.step()
             in_flight.append(eng.core.in_flight is not None)
         assert_drained(eng)
-        assert all(deferred), "a step with constrained rows sampled without its mask"
-        assert any(in_flight) == overlap, in_flight
-        ids[overlap], _ = outputs(build_engine(tok_model, tokenizer=tok,
-                                               **{**ENGINE, "async_scheduling": overlap}), reqs)
-    assert ids[True] == ids[False]
+        assert all(deferred), "a step with constrained rows sampled without its masks"
+        assert any(in_flight) == (name != "sync"), in_flight
+        assert any(rounds) == (name == "rounds"), name
+        ids[name], _ = outputs(build_engine(tok_model, tokenizer=tok, **{**ENGINE, **kw}),
+                               reqs)
+    assert ids["async"] == ids["sync"] and ids["rounds"] == ids["sync"]

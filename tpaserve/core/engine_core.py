@@ -16,12 +16,15 @@ engine/scheduler.py) and the runner feeds them on the device. While a live reque
 from its output history (penalties, min_tokens) the core steps synchronously.
 
 Structured outputs (core/structured.py): a step with rows under a grammar needs, for its
-token mask, the samples of the step before on the host. So its forward is launched with
-sampling held back; then step N is finished (its tokens go to the matchers), N+1's mask is
-filled on the host while N+1's forward runs, and N+1's sampling is enqueued with it:
+token masks, the samples of the step before on the host. So its forward is launched with
+sampling held back; step N is finished (its tokens go to the matchers) and its outputs
+returned; the next call fills N+1's masks while N+1's forward runs and enqueues its
+sampling, then goes on as usual (a round with constrained rows runs its later steps in that
+sampling: runner/model_runner.py):
 
-    host    schedule N+1 | launch fwd N+1 | wait N | update N, accept | mask N+1 | sample N+1
-    device  ... fwd N, sample N | fwd N+1 ..................................... | sample N+1
+    call k    | schedule N+1 | fwd N+1 launched | wait N, update N, accept | outputs of N
+    call k+1  | masks N+1, sample N+1 | schedule N+2 | fwd N+2 launched | wait N+1 ...
+    device    ... sample N | fwd N+1 ........................ | sample N+1 | fwd N+2 ...
 
 KV-cache events (--kv-events-endpoint): the block manager records its prefix cache's
 changes; after each step (and a reset) the core hands them, as one batch, to the publisher
@@ -243,23 +246,26 @@ class EngineCore:
             self.kv_events.close()
 
     def _step(self) -> list[EngineCoreOutput]:
+        outs: list[EngineCoreOutput] = []
+        if self.in_flight is not None:
+            # the step launched by the last call, its sampling held back for its masks: the
+            # step before it was finished then, so its masks can be filled now
+            failed = self._sample_masked(self.in_flight)
+            if failed is not None:
+                outs, self.in_flight = failed, None
         if not self.async_scheduling or self.scheduler.needs_history:
             if self.in_flight is not None:
-                return self._finish(self.in_flight)
+                return outs + self._finish(self.in_flight)
             launched = self._launch()
             if isinstance(launched, list):
-                return launched
+                return outs + launched
             failed = self._sample_masked(launched)
-            return failed if failed is not None else self._finish(launched)
+            return outs + (failed if failed is not None else self._finish(launched))
         launched = self._launch()
-        outs = launched if isinstance(launched, list) else []
+        if isinstance(launched, list):
+            outs += launched
         if self.in_flight is not None:
             outs = self._finish(self.in_flight) + outs
-        if isinstance(launched, tuple):
-            # after N's finish: N+1's mask needs N's tokens in the matchers
-            failed = self._sample_masked(launched)
-            if failed is not None:
-                outs, launched = outs + failed, None
         self.in_flight = launched if isinstance(launched, tuple) else None
         return outs
 
@@ -294,7 +300,7 @@ class EngineCore:
             return None
         t0 = time.monotonic()
         try:
-            pending.sample(self.grammars.bitmask(sched, self.scheduler.requests))  # (S, W)
+            pending.sample(self.grammars.masks(sched, self.scheduler.requests))
         except Exception as exc:                       # noqa: BLE001 - reported per request
             return self._fail_step(sched, exc)
         finally:

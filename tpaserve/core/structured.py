@@ -1,5 +1,5 @@
 """The engine core's side of structured outputs: one llguidance matcher per constrained
-sequence, compiled off the step loop, and the token bitmask of each step's constrained rows.
+sequence, compiled off the step loop, and the token bitmasks of each step's constrained rows.
 
     admission      Grammars.submit(req)          compile in a thread pool; req.grammar is a
                                                  Grammar whose `ready` the scheduler reads
@@ -8,22 +8,30 @@ sequence, compiled off the step loop, and the token bitmask of each step's const
                                                  then its forward is launched with sampling
                                                  held back (ModelRunner.execute)
     after the step before it is updated
-                   Grammars.accept(outs)         each matcher consumes its sequence's new tokens
-                   Grammars.bitmask(sched)       (S, W) int32, W = ceil(vocab / 32): bit t of
-                                                 row j set iff sampling row j may pick token t
-                                                 (-1 rows: unconstrained), filled while the
-                                                 forward runs; PendingOutput.sample(mask)
+                   Grammars.accept(requests)     each matcher consumes its sequence's output
+                                                 tokens it has not seen
+                   Grammars.masks(sched)         StepMasks: the step's (S, W) int32 masks,
+                                                 W = ceil(vocab / 32), bit t of row j set iff
+                                                 sampling row j may pick token t (-1 rows:
+                                                 unconstrained); PendingOutput.sample(masks)
 
-Invariant: when a step's mask is filled, each of its constrained requests' matchers has
-consumed exactly the request's output tokens before that step's sample. It holds because a
-step's mask is filled only after the step before it was updated and accepted (the core:
-launch N+1's forward, finish N, then fill N+1's mask and sample; vLLM's order), and a
-constrained request never joins a multi-step round (its next mask needs its last token on
-the host). So nothing ever rolls back: a stop string aborts the request (the matcher goes
-with it), a preempted request keeps its tokens and its matcher (recomputing its prompt and
-outputs samples nothing new), and each of n > 1 sequences is a request with its own matcher.
-A row whose request ended at the step before (its token in flight was EOS, or it was
-aborted) is not constrained: what it samples is dropped by the update.
+A multi-step round (engine/scheduler.py) may hold constrained rows: the runner asks
+StepMasks.first() for step 0's masks and StepMasks.next() for each later step's, handing it
+the samples of the step before (on the host: the runner waits for them while the next
+forward runs), which the matchers consume there.
+
+Invariant: when a step's masks are filled, each of its constrained requests' matchers has
+consumed exactly the request's output tokens before that step's sample: the ones the
+scheduler has (Grammar.num_consumed counts them; `accept` feeds the rest after an update)
+plus, inside a round, the round's earlier samples. It holds because a step's masks are
+filled only after the step before it was updated and accepted (the core: launch N+1's
+forward, finish N, then fill N+1's masks and sample; vLLM's order), and a round's update
+keeps every sample it consumed unless it ends the request. So nothing ever rolls back: a
+stop string aborts the request (the matcher goes with it), a preempted request keeps its
+tokens and its matcher (recomputing its prompt and outputs samples nothing new), and each
+of n > 1 sequences is a request with its own matcher. A row whose request ended since it
+was scheduled (its token in flight was EOS, or it was aborted) is not constrained: what it
+samples is dropped by the update.
 
 A matcher that is stopped (its grammar is complete) allows only EOS, so the sequence ends;
 llguidance's masks include EOS wherever the grammar may end. A grammar that failed (to
@@ -33,6 +41,7 @@ that request with an error, never as a normal stop.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import logging
 import os
 import threading
@@ -62,6 +71,7 @@ class Grammar:
         self.future = future
         self.matcher: llguidance.LLMatcher | None = None
         self.failed = False
+        self.num_consumed = 0          # output tokens the matcher has consumed
 
     @property
     def ready(self) -> bool:
@@ -72,6 +82,14 @@ class Grammar:
                 logger.exception("structured output grammar failed to compile")
                 self.failed = True
         return self.matcher is not None or self.failed
+
+    def consume(self, tokens: list[int], request_id: str) -> None:
+        """The matcher takes `tokens`, the sequence's next outputs (none after it is done:
+        a complete grammar's EOS, or tokens sampled under an EOS-only mask, change nothing)."""
+        self.num_consumed += len(tokens)
+        if tokens and not self.done and not self.matcher.consume_tokens(tokens):
+            logger.warning("request %s: token(s) %s rejected by its grammar: %s",
+                           request_id, tokens, self.matcher.get_error())
 
     @property
     def done(self) -> bool:
@@ -126,27 +144,13 @@ class Grammars:
         return any(s.sample and requests[s.request_id].grammar is not None
                    for s in sched.requests)
 
-    def bitmask(self, sched: SchedulerOutput, requests: dict[str, Request]) -> np.ndarray:
-        """The allowed tokens of each sampling row of `sched` (in order): (S, W)."""
+    def masks(self, sched: SchedulerOutput, requests: dict[str, Request]) -> StepMasks:
+        """The masks of `sched`'s sampling rows (in order), filled when the runner asks."""
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor(MASK_THREADS)
         rows = [_live(s, requests) for s in sched.requests if s.sample]
-        mask = np.full((len(rows), self.width), -1, np.int32)               # (S, W)
-        live = []
-        for j, r in enumerate(rows):
-            if r is not None and r.grammar is not None:
-                assert r.grammar.ready, f"{r.request_id} scheduled before its grammar compiled"
-                if r.grammar.done:
-                    mask[j] = 0
-                    if self.eos is not None:
-                        mask.view(np.uint32)[j, self.eos // 32] = 1 << (self.eos % 32)
-                else:
-                    live.append((r.grammar.matcher, j))
-        if len(live) == 1:
-            llnp.fill_next_token_bitmask(live[0][0], mask, live[0][1])
-        elif live:                        # llguidance's threads, without the GIL
-            if self._executor is None:
-                self._executor = llguidance.LLExecutor(MASK_THREADS)
-            llnp.fill_next_token_bitmask_par(self._executor, live, mask)
-        return mask
+        return StepMasks([r.grammar if r is not None else None for r in rows], self.width,
+                         self.eos, self._executor)
 
     @staticmethod
     def of(sched: SchedulerOutput, requests: dict[str, Request]) -> dict[str, Grammar]:
@@ -168,15 +172,59 @@ class Grammars:
         return out
 
     def accept(self, outs: list[EngineCoreOutput], requests: dict[str, Request]) -> None:
-        """Feed each live constrained sequence's new tokens to its matcher."""
+        """Feed each live constrained sequence's output tokens that its matcher has not
+        consumed (a round consumed all but its last) to the matcher."""
         for o in outs:
             req = requests.get(o.request_id)
             if req is None or req.grammar is None or not o.new_token_ids:
                 continue                   # finished (its matcher went with it), or free
-            m = req.grammar.matcher
-            if not req.grammar.done and not m.consume_tokens(o.new_token_ids):
-                logger.warning("request %s: token(s) %s rejected by its grammar: %s",
-                               o.request_id, o.new_token_ids, m.get_error())
+            g = req.grammar
+            new = req.output_token_ids[g.num_consumed:]
+            g.consume(new, o.request_id)
+
+
+class StepMasks:
+    """One launched step's (or round's) masks, for ModelRunner: first() for step 0, then
+    next(ids, live) for each later step of a round. Rows are the step's sampling rows."""
+
+    def __init__(self, grammars: list[Grammar | None], width: int, eos: int | None,
+                 executor: llguidance.LLExecutor):
+        self.grammars, self.width, self.eos, self._executor = grammars, width, eos, executor
+        self.mask = np.full((len(grammars), width), -1, np.int32)            # (S, W)
+
+    def first(self) -> np.ndarray:
+        return self._fill(range(len(self.grammars)))
+
+    def next(self, ids: np.ndarray, live: np.ndarray) -> np.ndarray:
+        """Rows with live[j] sample again: their matchers consume ids[j] (the step before's
+        sample), and their masks are refilled; the others' rows are left as they were
+        (their samples are not drawn). ids (S,) int64, live (S,) bool, host."""
+        rows = np.flatnonzero(live).tolist()
+        for j in rows:
+            g = self.grammars[j]
+            if g is not None and ids[j] >= 0:            # NONFINITE: the row ends with an error
+                g.consume([int(ids[j])], "")
+        return self._fill(rows)
+
+    def _fill(self, rows) -> np.ndarray:
+        mask, live = self.mask, []
+        for j in rows:
+            g = self.grammars[j]
+            if g is None:
+                mask[j] = -1
+                continue
+            assert g.ready, "a request was scheduled before its grammar compiled"
+            if g.done:
+                mask[j] = 0
+                if self.eos is not None:
+                    mask.view(np.uint32)[j, self.eos // 32] = 1 << (self.eos % 32)
+            else:
+                live.append((g.matcher, j))
+        if len(live) == 1:
+            llnp.fill_next_token_bitmask(live[0][0], mask, live[0][1])
+        elif live:                        # llguidance's threads, without the GIL
+            llnp.fill_next_token_bitmask_par(self._executor, live, mask)
+        return mask
 
 
 def _live(s, requests: dict[str, Request]) -> Request | None:
@@ -207,14 +255,15 @@ def build_lltokenizer(path: str | None, vocab_size: int,
             by_bytes.setdefault(b, i)
     longest = max(map(len, by_bytes))
 
-    def encode(text: str | bytes) -> list[int]:
-        """Token ids whose bytes are exactly `text`'s (llguidance tokenizes the literals a
-        grammar forces with it): the tokenizer's own encoding when it is exact, else
+    @functools.lru_cache(maxsize=1 << 16)
+    def encode(data: bytes) -> tuple[int, ...]:
+        """Token ids whose bytes are exactly `data` (llguidance tokenizes the literals a
+        grammar forces with it, while it fills masks: the same few strings again and
+        again, hence the cache): the tokenizer's own encoding when it is exact, else
         greedy longest match (sentencepiece's dummy prefix would add a space)."""
-        data = text.encode() if isinstance(text, str) else text
         ids = tok.encode(data.decode("utf-8", errors="replace"), add_special_tokens=False)
         if b"".join(raw[i] for i in ids if i < len(raw)) == data:
-            return ids
+            return tuple(ids)
         out, i = [], 0
         while i < len(data):
             n = next(n for n in range(min(longest, len(data) - i), 0, -1)
@@ -223,7 +272,7 @@ def build_lltokenizer(path: str | None, vocab_size: int,
                 raise ValueError(f"byte {data[i:i + 1]!r} has no token")
             out.append(by_bytes[data[i:i + n]])
             i += n
-        return out
+        return tuple(out)
 
     class _Wrapped:                       # what llguidance.TokenizerWrapper reads
         def __init__(self) -> None:
@@ -233,7 +282,7 @@ def build_lltokenizer(path: str | None, vocab_size: int,
             self.tokens += [b""] * (vocab_size - len(self.tokens))
 
         def __call__(self, text: str | bytes) -> list[int]:
-            return encode(text)
+            return list(encode(text.encode() if isinstance(text, str) else text))
 
     return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Wrapped()), n_vocab=vocab_size,
                                   eos_token=eos)

@@ -18,12 +18,12 @@ runner takes from the step in flight on the device. Bookkeeping of what is *sche
 (computed positions, prompt logprobs) happens in schedule(); `update()` only appends what
 was sampled and applies the stop conditions. A request never gets more samples in flight
 than max_tokens and the context allow; one whose sampling reads its output history
-(penalties, min_tokens) waits until it has no placeholder, and the core steps synchronously
-while such a request lives. One whose next token a grammar constrains (structured outputs)
-may have one sample in flight like any other: the core fills its mask once that sample is
-on the host (core/engine_core.py); it never joins a multi-step round. A constrained request
-whose grammar is still compiling (Request.grammar.ready) is passed over in the waiting
-queue.
+(penalties, min_tokens) waits until it has no placeholder and never joins a multi-step
+round, and the core steps synchronously while such a request lives. One whose next token a
+grammar constrains (structured outputs) is scheduled like any other: the core fills its
+masks once the samples they depend on are on the host (core/engine_core.py, runner's
+rounds). A constrained request whose grammar is still compiling (Request.grammar.ready) is
+passed over in the waiting queue.
 
 Multi-step rounds (config.num_scheduler_steps = k > 1): when every scheduled request only
 decodes plainly (samples, no logprobs, no knob that reads the output history) and no prompt
@@ -297,7 +297,7 @@ class Scheduler:
         for req, n in zip(reqs, scheduled.values()):
             if (req.num_computed_tokens + n != req.num_tokens_with_placeholders
                     or req.max_tokens == 0 or req.wants_prompt_logprobs
-                    or req.params.logprobs is not None or _needs_host(req)):
+                    or req.params.logprobs is not None or _needs_history(req)):
                 return {}
         steps = {}
         for req, n in zip(reqs, scheduled.values()):
@@ -431,12 +431,6 @@ class Scheduler:
                     req.stop_reason = None if tok == eos else tok
                     return toks[:i + 1], RequestStatus.FINISHED_STOPPED
         return toks[:cut] if cut < len(toks) else toks, status
-
-
-def _needs_host(req: Request) -> bool:
-    """Whether sampling this request needs its last token on the host: for its output
-    history, or for its grammar's next mask. It never joins a multi-step round."""
-    return req.grammar is not None or _needs_history(req)
 
 
 def _needs_history(req: Request) -> bool:

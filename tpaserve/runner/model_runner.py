@@ -11,9 +11,11 @@ become device tensors:
 
 `execute` never waits for the device, so the engine core can plan the next step while this
 one runs (async scheduling). With `defer_sampling` (a step with rows under a grammar) it
-enqueues only the forward: the core fills the grammar's token mask while the forward runs
-(it needs the step before's samples on the host) and then `PendingOutput.sample(mask)`
-enqueues the sampling. An input token the scheduler does not know yet (PLACEHOLDER: the
+enqueues only the forward: the core fills the grammar's token masks while the forward runs
+(they need the step before's samples on the host) and then `PendingOutput.sample(masks)`
+enqueues the sampling. In a round with such rows, sample() runs the round's later steps
+too: each step's forward is enqueued before the host waits for the step before's samples
+and fills its masks (core/structured.StepMasks), so the device computes meanwhile. An input token the scheduler does not know yet (PLACEHOLDER: the
 step in flight samples it) is taken on the device from `last_sampled`, which every step
 updates with each request's last sample, indexed by the request's table row.
 
@@ -60,12 +62,13 @@ class PendingOutput:
     # a forward whose sampling waits for sample(mask) (execute(..., defer_sampling=True))
     deferred: tuple[_Step, torch.Tensor] | None = None
 
-    def sample(self, bitmask: np.ndarray) -> None:
-        """Enqueue the held-back sampling of this step's logits under `bitmask` (S, W)
-        int32 (core/structured.py). Never waits for the device."""
+    def sample(self, masks) -> None:
+        """Enqueue the held-back sampling of this step's logits under masks.first(), an
+        (S, W) int32 bitmask (core/structured.StepMasks). A single step never waits for
+        the device; a round waits for each step's samples to fill the next step's masks."""
         step, logits = self.deferred
         self.deferred = None
-        step.finish(self, logits, bitmask)
+        step.finish(self, logits, masks)
 
     def result(self) -> RunnerOutput:
         assert self.deferred is None, "a deferred step was never sampled"
@@ -88,6 +91,17 @@ class PendingOutput:
         for rid, lp in self.prompt_logprobs:
             out.prompt_logprobs[rid] = lp.to_lists()
         return out
+
+
+def _to_host(x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A copy of x on the host, enqueued; wait for the event (None: already there)."""
+    if not x.is_cuda:
+        return x.clone(), None
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 def _h2d(dst: torch.Tensor, src: np.ndarray) -> None:
@@ -204,17 +218,15 @@ class _Step:
             self.finish(pending, logits if S else None, None)
         return pending
 
-    def finish(self, pending: PendingOutput, logits: torch.Tensor | None,
-               bitmask: np.ndarray | None) -> None:
-        """Sampling (under `bitmask`, if any) and the event the host's read waits for."""
+    def finish(self, pending: PendingOutput, logits: torch.Tensor | None, masks) -> None:
+        """Sampling (under `masks`, if any) and the event the host's read waits for."""
         if logits is not None:
-            self._sample(logits, pending, bitmask)
+            self._sample(logits, pending, masks)
         if self.r.device.type == "cuda":
             pending.event = torch.cuda.Event()
             pending.event.record()
 
-    def _sample(self, logits: torch.Tensor, pending: PendingOutput,
-                bitmask: np.ndarray | None) -> None:
+    def _sample(self, logits: torch.Tensor, pending: PendingOutput, masks) -> None:
         r, reqs = self.r, self.reqs
         rows = [SamplingRow(params=r.states.states[reqs[i].request_id].params,
                             prompt_token_ids=r.states.states[reqs[i].request_id].prompt_token_ids,
@@ -222,11 +234,10 @@ class _Step:
                             generator=r.states.states[reqs[i].request_id].generator)
                 for i in self.sampling]
         meta = r.sampler.metadata(rows, r.device)
-        if bitmask is not None:
+        if masks is not None:
             # before sampling and logprobs: a constrained row's logprobs are those of the
-            # masked distribution (as vLLM reports them); no round has constrained rows
-            assert self.K == 1 and bitmask.shape[0] == len(rows), bitmask.shape
-            logits = apply_token_bitmask(logits, bitmask)
+            # masked distribution (as vLLM reports them)
+            logits = apply_token_bitmask(logits, masks.first())
         samples = [r.sampler.sample_ids(logits, meta)]                       # [(S,)]
         want = [j for j, row in enumerate(rows) if row.params.logprobs is not None]
         if want:                                   # single steps only (no round has them)
@@ -239,7 +250,7 @@ class _Step:
             pending.logprobs = [(reqs[self.sampling[j]].request_id, j, rows[j].params.logprobs)
                                 for j in want]
         if self.K > 1:
-            samples += self._round(meta, samples[0])
+            samples += self._round(meta, samples[0], masks)
         toks = torch.stack(samples) if len(samples) > 1 else samples[0][None]  # (K, S)
         last_t = self.steps[self.sampling] - 1
         rows_dev = to_device(self.rows[self.sampling], torch.int64, r.device)
@@ -257,8 +268,11 @@ class _Step:
         pending.request_ids = [reqs[i].request_id for i in self.sampling]
         pending.num_steps = [int(k) for k in self.steps[self.sampling]]
 
-    def _round(self, meta, ids: torch.Tensor) -> list[torch.Tensor]:
-        """Steps 1..K-1 of a round: every request decodes from its previous sample."""
+    def _round(self, meta, ids: torch.Tensor, masks) -> list[torch.Tensor]:
+        """Steps 1..K-1 of a round: every request decodes from its previous sample. With
+        `masks`, step s's samples are copied to the host before step s+1's forward is
+        enqueued; then the host waits for them and fills step s+1's masks while that
+        forward runs."""
         r, g, B, K, bs = self.r, self.r.graphs, self.B, self.K, self.r.block_size
         buf = r.buf
         b = g.decode_bucket(B) if g is not None and B <= g.max_decode else None
@@ -279,6 +293,8 @@ class _Step:
         ctx = g.context_class(int(lens.max())) if b is not None else None
         out = []
         for s in range(K - 1):
+            if masks is not None:
+                prev, ready = _to_host(ids)
             buf.input_ids[:B].copy_(ids.clamp_min(0))         # NONFINITE: see _sample
             buf.positions[:width].copy_(dev[0, s])
             buf.slot_mapping[:width].copy_(dev[1, s])
@@ -291,6 +307,10 @@ class _Step:
                 hidden = r.model(buf.input_ids[:B], buf.positions[:B],
                                  PagedAttention(r.cache, step, r.ops, r.workspace), kernels=False)
                 logits = r.model.compute_logits(hidden)                     # (B, V)
+            if masks is not None:                 # every row of a round samples: S == B
+                if ready is not None:
+                    ready.synchronize()
+                logits = apply_token_bitmask(logits, masks.next(prev.numpy(), live[s]))
             ids = r.sampler.sample_ids(logits, meta, live=live[s].tolist())
             out.append(ids)
         return out
