@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from tpaserve.args import EngineArgs, ServerArgs
+from tpaserve.serve_ray.cli import FleetArgs
 from tpaserve.serve_ray.forward import ForwardedRequest, ResponseHead, routing_key, serve_asgi
 from tpaserve.serve_ray.routing import ROUTERS
 
@@ -100,7 +101,9 @@ class FleetIngress:
 
     async def __call__(self, request: Request) -> Response:
         body = await request.body()
-        path = request.url.path
+        # Ray mounts the app at its route prefix: the path below it is tpaserve's path
+        root = request.scope.get("root_path", "").rstrip("/")
+        path = request.scope["path"][len(root):] if root else request.scope["path"]
         req = ForwardedRequest(
             method=request.method, path=path, query_string=request.url.query.encode(),
             headers=list(request.headers.raw), body=body,
@@ -135,31 +138,28 @@ class FleetIngress:
         return response
 
 
-def build_app(engine_args: EngineArgs, server_args: ServerArgs, names: list[str], *,
-              replicas: int | None = 2, min_replicas: int = 1, max_replicas: int | None = None,
-              target_ongoing_requests: float = 8, max_ongoing_requests: int = 64,
-              routing: str = "prefix", prefix_chars: int = 256, imbalance: int = 8,
-              max_retries: int = 2, num_cpus: float = 1, num_gpus: float = 0
-              ) -> serve.Application:
-    """The application (serve.run it). `max_replicas` set: autoscaled between
-    `min_replicas` and it on each replica's ongoing requests (its engine's running + waiting
-    ones), `replicas` unused; else `replicas` replicas."""
-    kwargs = {"imbalance": imbalance} if routing == "prefix" else {}
+def build_app(engine_args: EngineArgs, server_args: ServerArgs, names: list[str],
+              fleet: FleetArgs) -> serve.Application:
+    """The application (serve.run it). With --max-replicas: autoscaled between
+    --min-replicas and it on each replica's ongoing requests (its engine's running and
+    waiting ones: the queue); else --replicas replicas."""
+    kwargs = {"imbalance": fleet.routing_imbalance} if fleet.routing == "prefix" else {}
     options = dict(
-        max_ongoing_requests=max_ongoing_requests,
-        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
-        request_router_config=RequestRouterConfig(request_router_class=ROUTERS[routing],
+        max_ongoing_requests=fleet.max_ongoing_requests,
+        ray_actor_options={"num_cpus": fleet.num_cpus_per_replica,
+                           "num_gpus": fleet.num_gpus_per_replica or 0},
+        request_router_config=RequestRouterConfig(request_router_class=ROUTERS[fleet.routing],
                                                   request_router_kwargs=kwargs),
         graceful_shutdown_timeout_s=server_args.graceful_shutdown_timeout)
-    if max_replicas is not None:
+    if fleet.max_replicas is not None:
         options["autoscaling_config"] = {
-            "min_replicas": min_replicas, "max_replicas": max_replicas,
-            "initial_replicas": min_replicas,
-            "target_ongoing_requests": target_ongoing_requests}
+            "min_replicas": fleet.min_replicas, "max_replicas": fleet.max_replicas,
+            "initial_replicas": max(1, fleet.min_replicas),
+            "target_ongoing_requests": fleet.target_ongoing_requests}
     else:
-        options["num_replicas"] = replicas
+        options["num_replicas"] = fleet.replicas
     replica = TpaReplica.options(**options).bind(engine_args, server_args, names)
-    return FleetIngress.bind(replica, prefix_chars, max_retries)
+    return FleetIngress.bind(replica, fleet.prefix_chars, fleet.max_retries)
 
 
 def replica_stats(app_name: str) -> list[dict]:
@@ -173,6 +173,6 @@ def replica_stats(app_name: str) -> list[dict]:
     for ref in refs:
         try:
             out.append(ray.get(ref, timeout=30))
-        except (RayActorError, ray.exceptions.GetTimeoutError):
-            continue                                  # dying or being replaced
+        except ray.exceptions.RayError:
+            continue                  # dying, or a replacement still loading its engine
     return out
