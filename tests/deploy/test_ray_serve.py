@@ -15,7 +15,6 @@ in CI (CI=true), where a missing install must fail.
 from __future__ import annotations
 
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -26,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from openai import OpenAI
 
+from bench.fleet import workload
 from tests.deploy.conftest import REPO
 from tpaserve.args import EngineArgs, ServerArgs
 from tpaserve.serve_ray.forward import routing_key
@@ -120,24 +120,6 @@ def test_forty_requests_through_the_openai_client(fleet):
 
 
 # ---- prefix affinity ------------------------------------------------------------------------
-WORDS = ("the lord said unto him and behold king israel house land people son father day man "
-         "god hand heart sister mother love letter ball marriage fortune ladies gentleman "
-         "evening morning walk").split()
-
-
-def workload(seed: int, groups: int = 24, rounds: int = 3) -> list[tuple[int, str]]:
-    """(group, prompt): `groups` prefixes of about 50 tokens (3 full blocks), each asked
-    once per round with its own short question; each round in its own random order."""
-    rng = random.Random(seed)
-    prefixes = [" ".join(rng.choice(WORDS) for _ in range(42)) for _ in range(groups)]
-    out = []
-    for r in range(rounds):
-        order = list(range(groups))
-        rng.shuffle(order)
-        out += [(g, f"{prefixes[g]}. Question {r}:") for g in order]
-    return out
-
-
 def run_workload(url: str, prompts: list[tuple[int, str]]) -> tuple[float, dict[int, set]]:
     """Sent one at a time; (the app's prefix-cache hit rate over the workload, from its
     replicas' counters before and after; the replicas that served each group)."""
