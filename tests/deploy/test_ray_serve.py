@@ -216,3 +216,15 @@ def test_routing_keys():
     assert routing_key("/v1/models", b"", 100) is None
     assert routing_key("/v1/completions", b"not json", 100) is None
     assert routing_key("/v1/completions", b'{"prompt": ""}', 100) is None
+
+
+def test_docs_walk_through_the_ray_fleet():
+    from tpaserve.serve_ray.cli import FleetArgs
+    section = (REPO / "docs" / "deploy.md").read_text().split("## 9. A fleet on Ray Serve")[1]
+    for step in ("pip install 'tpaserve[ray]'", "tpaserve ray --replicas 2",
+                 "ray start --head", "--ray-address auto", "replica_stats("):
+        assert step in section, step
+    for name in FleetArgs.__dataclass_fields__:
+        if name not in ("app_name", "min_replicas"):
+            assert "--" + name.replace("_", "-") in section, name
+    assert 'ray = ["ray[serve]==' in (REPO / "pyproject.toml").read_text()
