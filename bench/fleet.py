@@ -9,7 +9,7 @@ t6-demo), each asked once per round with its own short question, `--rounds` roun
 its own random order, `--concurrency` streams at a time. Every replica has a small cache
 (`--num-blocks`): one replica cannot hold every group's prefix, N replicas that split the
 groups between them can; that is where routing by prefix pays. A fresh application (new
-replicas, empty caches) for every point; a few unrelated requests warm each replica first.
+replicas, empty caches) for every point; 8 unrelated requests per replica warm it up first.
 
 Hit rate: prompt tokens found in the prefix cache / looked up, summed over the replicas'
 own counters (record_routing_stats), over the workload only. TTFT: the client's, from
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import time
@@ -69,8 +70,9 @@ def run_point(serve, port: int, replicas: int, routing: str, args) -> dict:
               name="fleet", route_prefix="/")
     startup = time.monotonic() - started
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    warm = [f"{i} " + p for i, (_, p) in enumerate(workload(args.seed + 1, 8 * replicas, 1))]
     with ThreadPoolExecutor(args.concurrency) as pool:        # warm every replica up
-        list(pool.map(lambda i: ask(client, f"{i} warm up", 2), range(4 * replicas)))
+        list(pool.map(lambda p: ask(client, p, args.max_tokens), warm))
     before = {s["replica"]: s for s in replica_stats("fleet")}
     prompts = workload(args.seed, args.groups, args.rounds)
     started = time.monotonic()
@@ -115,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import ray
     from ray import serve
+    # Ray's memory monitor kills workers when the machine's memory runs short, whoever
+    # uses it (another job on a shared machine): not what this measures
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     ray.init(num_cpus=8, include_dashboard=False, logging_level="warning", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     rows = []

@@ -46,6 +46,9 @@ def fleet():
 
     from tpaserve.serve_ray.cli import FleetArgs
     from tpaserve.serve_ray.deployments import build_app
+    # Ray's memory monitor kills workers when the machine's memory runs short, whoever
+    # uses it (another job on a shared machine): not what this measures
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
