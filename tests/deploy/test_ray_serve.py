@@ -1,8 +1,9 @@
 """tpaserve on Ray Serve (tpaserve/serve_ray), on a real local Ray cluster: two applications
 of 2 t6-demo replicas each behind Ray's HTTP proxy, one routed by prompt prefix, one round
-robin, driven with the official openai client.
+robin (autoscaled, 2 to 3), driven with the official openai client.
 
-    - 40 requests (completions and chat, streamed and not) succeed, spread over both replicas
+    - 40 requests (completions and chat, streamed and not) succeed, spread over both replicas;
+      a replica's 4xx errors and prompt-less routes pass through the ingress unchanged
     - the same prefix-sharing workload, through both applications: prefix-cache hit rate
       (each replica's own counters) with affinity > 2x round robin's
     - SIGKILL of a replica's process, or of its engine core, with requests in flight: every
@@ -22,6 +23,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
 from openai import OpenAI
 
@@ -55,16 +57,21 @@ def fleet():
     ray.init(num_cpus=8, include_dashboard=False, logging_level="warning",
              log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    apps = {"affinity": ("prefix", "/"), "rr": ("round-robin", "/rr")}
-    for name, (routing, route) in apps.items():
-        app = build_app(EngineArgs(**ENGINE), ServerArgs(graceful_shutdown_timeout=1), ["t6-demo"],
-                        FleetArgs(replicas=2, routing=routing, prefix_chars=PREFIX_CHARS,
-                                  num_cpus_per_replica=1, num_gpus_per_replica=0))
+    # the round-robin app is autoscaled (2 to 3 replicas, a target it never reaches here):
+    # Ray accepts build_app's autoscaling config and keeps the 2 replicas
+    apps = {"affinity": ("prefix", "/", {"replicas": 2}),
+            "rr": ("round-robin", "/rr", {"min_replicas": 2, "max_replicas": 3,
+                                          "target_ongoing_requests": 1000})}
+    for name, (routing, route, size) in apps.items():
+        app = build_app(EngineArgs(**ENGINE), ServerArgs(graceful_shutdown_timeout=1),
+                        ["t6-demo"], FleetArgs(routing=routing, prefix_chars=PREFIX_CHARS,
+                                               num_cpus_per_replica=1, num_gpus_per_replica=0,
+                                               **size))
         serve.run(app, name=name, route_prefix=route, blocking=False)
     for name in apps:
         _wait_running(serve, name)
     yield {name: f"http://127.0.0.1:{port}{route.rstrip('/')}/v1"
-           for name, (_, route) in apps.items()}
+           for name, (_, route, _) in apps.items()}
     serve.shutdown()
     ray.shutdown()
 
@@ -120,6 +127,23 @@ def test_forty_requests_through_the_openai_client(fleet):
     assert len(results) == 40 and all(text for _, text in results)
     assert len({replica for replica, _ in results}) == 2, "both replicas served"
     assert [m.id for m in c.models.list().data] == ["t6-demo"]
+
+
+def test_errors_and_other_routes_pass_through_unchanged(fleet):
+    """A replica's 4xx comes back as its OpenAI error body (not retried, not a 500), and
+    routes without a prompt reach a replica too."""
+    import httpx
+    c = client(fleet["affinity"])
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="t6-demo", prompt="x", max_tokens=-1)
+    assert e.value.response.headers["x-tpaserve-attempts"] == "1"
+    assert "max_tokens" in e.value.message
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="no-such-model", prompt="x", max_tokens=1)
+    base = fleet["affinity"].removesuffix("/v1")
+    assert httpx.get(f"{base}/health").status_code == 200
+    tokens = httpx.post(f"{base}/tokenize", json={"model": "t6-demo", "prompt": "And God"})
+    assert tokens.status_code == 200 and tokens.json()["count"] > 0
 
 
 # ---- prefix affinity ------------------------------------------------------------------------
