@@ -11,7 +11,8 @@ If its engine core dies, the replica process exits at once (as the CLI's server 
 Ray replaces it, and every request it had not answered fails over at the ingress.
 
 Retry rule: a request is sent again, to the replicas that remain, when its replica died
-(RayActorError) before the first byte of the response body reached the client. After that
+(RayActorError) before the first byte of the response body reached the client, up to
+--max-retries times (then a 503 OpenAI error, code replica_unavailable). After that byte
 the client has part of an answer and the stream is cut instead. Generation has no side
 effect a retry could repeat.
 """
@@ -29,6 +30,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from tpaserve.api.errors import APIError
 from tpaserve.args import EngineArgs, ServerArgs
 from tpaserve.serve_ray.cli import FleetArgs
 from tpaserve.serve_ray.forward import ForwardedRequest, ResponseHead, routing_key, serve_asgi
@@ -117,7 +119,10 @@ class FleetIngress:
             except (RayActorError, ActorUnavailableError) as e:
                 stream.cancel()
                 if attempt > self.max_retries:
-                    raise
+                    return APIError(503, f"the replica serving this request died {attempt} "
+                                         f"time(s) before answering ({type(e).__name__}); "
+                                         f"retry later", code="replica_unavailable",
+                                    headers={ATTEMPTS_HEADER: str(attempt)}).response()
                 logger.warning("attempt %d of a %s %s: its replica died (%s); retrying",
                                attempt, request.method, path, type(e).__name__)
                 await asyncio.sleep(RETRY_BACKOFF_S * attempt)
@@ -131,6 +136,7 @@ class FleetIngress:
             finally:
                 stream.cancel()          # a no-op once it finished; else the client left
 
+        # the body streams through as it comes; the proxy frames it (chunked)
         headers = [(k, v) for k, v in head.headers if k.lower() != b"content-length"]
         headers.append((ATTEMPTS_HEADER.encode(), str(attempt).encode()))
         response = StreamingResponse(body_chunks(), status_code=head.status)
