@@ -1,5 +1,5 @@
 # tpaserve developer entry points.
-#   make test   create .venv, install tpaserve[test] (and, as root, the Debian tools the tests
+#   make test   create .venv, install tpaserve[test,ray] (and, as root, the Debian tools the tests
 #               drive: prometheus, chromium), run the CPU test suite
 #   make serve  create .venv, install, serve the bundled demo model on 127.0.0.1:8000
 PYTHON ?= python3
@@ -25,7 +25,7 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,ray]"
 	$(BIN)/python scripts/check_install.py
 	touch $@
 

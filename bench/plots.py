@@ -78,3 +78,32 @@ def plot_capacity(contexts: Sequence[int], bytes_per_seq: dict[str, Sequence[int
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_fleet(rows: Sequence[dict], path: str) -> None:
+    """bench/fleet.py: prefix-cache hit rate (left) and median / p90 TTFT (right) vs
+    replicas, one line per routing policy."""
+    plt = _pyplot()
+    fig, (hit, ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
+    by_routing: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_routing[r["routing"]].append(r)
+    for routing, rs in by_routing.items():
+        rs = sorted(rs, key=lambda r: r["replicas"])
+        xs = [r["replicas"] for r in rs]
+        line = hit.plot(xs, [r["hit_rate"] for r in rs], marker="o", label=routing)[0]
+        ttft.plot(xs, [r["ttft_p50_ms"] for r in rs], marker="o", color=line.get_color(),
+                  label=f"{routing} p50")
+        ttft.plot(xs, [r["ttft_p90_ms"] for r in rs], marker="x", linestyle="--",
+                  color=line.get_color(), label=f"{routing} p90")
+    replicas = sorted({r["replicas"] for r in rows})
+    hit.set(xlabel="replicas", ylabel="prefix-cache hit rate (tokens)", ylim=(0, 1),
+            xticks=replicas, title="prompt tokens served from the prefix cache")
+    ttft.set(xlabel="replicas", ylabel="TTFT (ms)", xticks=replicas, ylim=(0, None),
+             title="time to first token, client side")
+    for ax in (hit, ttft):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -10,6 +10,7 @@ on what really loads (a fresh interpreter per entry point).
     runner/    the GPU side: engine's contracts, models, kernels; never core/frontend/api
     models/    never engine, runner, core, frontend, api
     kernels/   nothing of the package but their own helpers
+    serve_ray/ Ray Serve (the optional `ray` extra): as api/, and the only importer of ray
 """
 import ast
 import subprocess
@@ -59,6 +60,9 @@ RULES = [
                 "tpaserve.api"), ()),
     ("kernels", ("tpaserve.engine", "tpaserve.runner", "tpaserve.core", "tpaserve.frontend",
                  "tpaserve.api", "tpaserve.models"), ()),
+    # Ray Serve's deployments and routers sit where api/ does: no engine internals, no torch
+    ("serve_ray", ("tpaserve.engine", "tpaserve.runner", "tpaserve.core", "tpaserve.kernels",
+                   "tpaserve.models", "torch"), ()),
     # the package's top-level modules (config, args, exceptions, sampling_params) are pure
     ("", ("torch", "triton", "tpaserve.engine", "tpaserve.runner", "tpaserve.core",
           "tpaserve.api"), ("__init__.py", "__main__.py")),
@@ -74,6 +78,13 @@ def test_import_rules(folder, forbidden, allow):
 def test_only_api_imports_fastapi_and_pydantic():
     for folder in ("engine", "kernels", "models", "runner", "core", "frontend"):
         assert offenders(folder, ("fastapi", "pydantic", "starlette", "uvicorn")) == []
+
+
+def test_only_serve_ray_imports_ray():
+    """ray is an optional extra (tpaserve[ray]): nothing else may need it."""
+    folders = [p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()]
+    for folder in [f for f in folders if f != "serve_ray"] + [""]:
+        assert offenders(folder, ("ray",)) == [], folder
 
 
 def test_exceptions_live_in_one_module():
@@ -104,6 +115,7 @@ def loads(code: str) -> set[str]:
     # the API process: HTTP, output processing, the core client, the CLI
     "import tpaserve.api.server, tpaserve.api.cli, tpaserve.frontend.async_llm",
     "import tpaserve.args, tpaserve.config, tpaserve.sampling_params, tpaserve.exceptions",
+    "import tpaserve.serve_ray.cli, tpaserve.serve_ray.forward",
 ])
 def test_entry_points_load_no_torch(entry):
     """The control plane and the whole API process run without torch (nor numpy's share of

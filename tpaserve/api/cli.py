@@ -2,6 +2,7 @@
 
     tpaserve                                  # the bundled demo model, as "t6-demo"
     tpaserve --model ckpt/ --tokenizer gpt2/ --port 8000 --cache-memory 4GiB
+    tpaserve ray --replicas 2                 # N replicas on Ray Serve (serve_ray/cli.py)
 
 Two processes: this one (HTTP, tokenization, output processing) and the engine core
 process it spawns (scheduler, cache, model; frontend/core_client.py). The flags come from
@@ -82,6 +83,10 @@ def fail(message: str, code: int = EXIT_BAD_CONFIG):
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["ray"]:                  # `tpaserve ray ...`: a fleet on Ray Serve
+        from tpaserve.serve_ray.cli import main as ray_main
+        return ray_main(argv[1:])
     ns = build_parser().parse_args(argv)
     engine_args, server_args = EngineArgs.from_cli_args(ns), ServerArgs.from_cli_args(ns)
     server_args.api_key = server_args.api_key or os.environ.get(API_KEY_ENV) or None
