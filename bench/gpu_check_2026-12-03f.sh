@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# One device call (2026-12-03, session 5): constrained rows in multi-step rounds, masks of
-# the next step filled in a thread during the update. The gpu
+# One device call (2026-12-03, session 5): constrained rows in multi-step rounds. The gpu
 # tests (engine: masks under graphs and rounds; the RoPE tables on CUDA), the core's step
 # cost plain vs constrained (bench/structured_steps), then served (bench/structured).
 set -uo pipefail

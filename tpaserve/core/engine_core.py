@@ -17,13 +17,14 @@ from its output history (penalties, min_tokens) the core steps synchronously.
 
 Structured outputs (core/structured.py): a step with rows under a grammar needs, for its
 token masks, the samples of the step before on the host. So its forward is launched with
-sampling held back; when step N's samples reach the host the matchers take them, N+1's
-masks are filled in a thread while N is updated, and N+1's sampling is enqueued (a round
-with constrained rows runs its later steps there: runner/model_runner.py); then N's
-outputs are returned. The device runs N+1's forward all the while:
+sampling held back; step N is finished (its tokens go to the matchers) and its outputs
+returned; the next call fills N+1's masks while N+1's forward runs and enqueues its
+sampling, then goes on as usual (a round with constrained rows runs its later steps in that
+sampling: runner/model_runner.py):
 
-    host    schedule N+1 | launch fwd N+1 | wait N | take N; masks N+1 || update N | sample N+1
-    device  ... fwd N, sample N | fwd N+1 ........................................ | sample N+1
+    call k    | schedule N+1 | fwd N+1 launched | wait N, update N, accept | outputs of N
+    call k+1  | masks N+1, sample N+1 | schedule N+2 | fwd N+2 launched | wait N+1 ...
+    device    ... sample N | fwd N+1 ........................ | sample N+1 | fwd N+2 ...
 
 KV-cache events (--kv-events-endpoint): the block manager records its prefix cache's
 changes; after each step (and a reset) the core hands them, as one batch, to the publisher
@@ -41,7 +42,7 @@ import torch
 
 from tpaserve.config import EngineConfig
 from tpaserve.core.kv_events import KVEventPublisher
-from tpaserve.core.structured import Grammars, StepMasks
+from tpaserve.core.structured import Grammars
 from tpaserve.engine.block_manager import BlockManager
 from tpaserve.engine.contracts import SchedulerOutput
 from tpaserve.engine.messages import (
@@ -254,21 +255,17 @@ class EngineCore:
                 outs, self.in_flight = failed, None
         if not self.async_scheduling or self.scheduler.needs_history:
             if self.in_flight is not None:
-                return outs + self._finish(self.in_flight)[0]
+                return outs + self._finish(self.in_flight)
             launched = self._launch()
             if isinstance(launched, list):
                 return outs + launched
             failed = self._sample_masked(launched)
-            return outs + (failed if failed is not None else self._finish(launched)[0])
+            return outs + (failed if failed is not None else self._finish(launched))
         launched = self._launch()
         if isinstance(launched, list):
             outs += launched
         if self.in_flight is not None:
-            then = launched if isinstance(launched, tuple) and launched[1].deferred else None
-            finished, failed = self._finish(self.in_flight, then)
-            outs = finished + outs
-            if failed is not None:
-                outs, launched = outs + failed, None
+            outs = self._finish(self.in_flight) + outs
         self.in_flight = launched if isinstance(launched, tuple) else None
         return outs
 
@@ -294,33 +291,24 @@ class EngineCore:
             return []
         return sched, pending, t0
 
-    def _sample_masked(self, launched: tuple[SchedulerOutput, PendingOutput, float],
-                       masks: StepMasks | None = None) -> list[EngineCoreOutput] | None:
-        """Fill a launched step's grammar masks (its forward runs meanwhile), unless `masks`
-        are being filled already, and enqueue its held-back sampling. None, or the failed
-        step's outputs."""
+    def _sample_masked(self, launched: tuple[SchedulerOutput, PendingOutput, float]
+                       ) -> list[EngineCoreOutput] | None:
+        """Fill a launched step's grammar masks (its forward runs meanwhile) and enqueue its
+        held-back sampling. None, or the failed step's outputs."""
         sched, pending, _ = launched
         if pending.deferred is None:
             return None
         t0 = time.monotonic()
         try:
-            pending.sample(masks or self.grammars.masks(sched, self.scheduler.requests))
+            pending.sample(self.grammars.masks(sched, self.scheduler.requests))
         except Exception as exc:                       # noqa: BLE001 - reported per request
             return self._fail_step(sched, exc)
         finally:
-            if masks is not None:
-                masks.join()           # no fill thread may outlive this (matchers are shared)
             self._host += time.monotonic() - t0
         return None
 
-    def _finish(self, launched: tuple[SchedulerOutput, PendingOutput, float],
-                then: tuple[SchedulerOutput, PendingOutput, float] | None = None
-                ) -> tuple[list[EngineCoreOutput], list[EngineCoreOutput] | None]:
-        """Wait for a step and update from it: its outputs. `then`, the step launched after
-        it with its sampling held back, is sampled here as soon as this step's samples are
-        in the matchers: its masks are filled in a thread while the update runs, so the
-        device, which runs `then`'s forward, does not wait for the update too. Returns the
-        outputs and, if `then`'s sampling failed, its failure outputs (else None)."""
+    def _finish(self, launched: tuple[SchedulerOutput, PendingOutput, float]
+                ) -> list[EngineCoreOutput]:
         sched, pending, t0 = launched
         if launched is self.in_flight:
             self.in_flight = None
@@ -328,19 +316,13 @@ class EngineCore:
         try:
             result = pending.result()
         except Exception as exc:                       # noqa: BLE001 - reported per request
-            outs = self._fail_step(sched, exc)
-            return outs, (self._sample_masked(then) if then is not None else None)
+            return self._fail_step(sched, exc)
         t2 = time.monotonic()
         self._wait += t2 - t1
         self.consecutive_failures = 0
-        requests = self.scheduler.requests
-        grammars = self.grammars.of(sched, requests) if self.scheduler.num_constrained else {}
-        masks = None
-        if then is not None:
-            self.grammars.take(sched, result, requests)
-            masks = self.grammars.masks(then[0], requests).start()
+        grammars = self.grammars.of(sched, self.scheduler.requests) \
+            if self.scheduler.num_constrained else {}
         outs = self.scheduler.update(sched, result)
-        failed = self._sample_masked(then, masks) if then is not None else None
         # a row that ended in this step before its non-finite sample (EOS) ended well
         errors = {rid: NONFINITE_MESSAGE for rid in result.nonfinite
                   if rid in self.scheduler.requests}
@@ -359,7 +341,7 @@ class EngineCore:
         self._host += now - t2
         tokens.append(sched.num_tokens)
         seqs.append(len(sched.requests))
-        return outs, failed
+        return outs
 
     def _end_with_errors(self, outs: list[EngineCoreOutput], errors: dict[str, str]
                          ) -> list[EngineCoreOutput]:

@@ -50,7 +50,7 @@ import llguidance
 import llguidance.numpy as llnp
 import numpy as np
 
-from tpaserve.engine.contracts import RunnerOutput, SchedulerOutput
+from tpaserve.engine.contracts import SchedulerOutput
 from tpaserve.engine.messages import EngineCoreOutput
 from tpaserve.engine.request import Request
 
@@ -60,8 +60,6 @@ COMPILE_THREADS = 2
 # threads filling one step's masks (llguidance's executor); a row costs tens of µs at an 8K
 # vocabulary, more at 50K+, so a batch of 64 constrained rows is worth spreading
 MASK_THREADS = min(8, os.cpu_count() or 1)
-# StepMasks.start(): one thread that runs llguidance's fill while the core's thread updates
-_FILL_POOL = cf.ThreadPoolExecutor(1, "tpaserve-masks")
 # How long an idle loop waits for a compile before it looks at its sockets again.
 COMPILE_WAIT_S = 0.01
 
@@ -173,19 +171,6 @@ class Grammars:
                 out[rid] = f"the structured-output grammar failed: {g.matcher.get_error()}"
         return out
 
-    @staticmethod
-    def take(sched: SchedulerOutput, result: RunnerOutput, requests: dict[str, Request]) -> None:
-        """Feed a finished step's samples to the matchers before the update appends them
-        (so the next step's masks can be filled meanwhile); `accept` then has nothing left
-        to feed. Safe: an update keeps every sample unless it ends the request."""
-        for s in sched.requests:
-            r = _live(s, requests) if s.sample else None
-            if r is None or r.grammar is None:
-                continue
-            g = r.grammar
-            toks = result.sampled.get(s.request_id, [])
-            g.consume(toks[g.num_consumed - r.num_output_tokens:], s.request_id)
-
     def accept(self, outs: list[EngineCoreOutput], requests: dict[str, Request]) -> None:
         """Feed each live constrained sequence's output tokens that its matcher has not
         consumed (a round consumed all but its last) to the matcher."""
@@ -206,21 +191,8 @@ class StepMasks:
                  executor: llguidance.LLExecutor):
         self.grammars, self.width, self.eos, self._executor = grammars, width, eos, executor
         self.mask = np.full((len(grammars), width), -1, np.int32)            # (S, W)
-        self._first: cf.Future | None = None
-
-    def start(self) -> StepMasks:
-        """Fill step 0's masks in a thread (llguidance releases the GIL); first() joins."""
-        self._first = _FILL_POOL.submit(self._fill, range(len(self.grammars)))
-        return self
-
-    def join(self) -> None:
-        """Wait for a started fill, whatever became of it."""
-        if self._first is not None:
-            cf.wait([self._first])
 
     def first(self) -> np.ndarray:
-        if self._first is not None:
-            return self._first.result()
         return self._fill(range(len(self.grammars)))
 
     def next(self, ids: np.ndarray, live: np.ndarray) -> np.ndarray:
