@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One device call (2026-12-03, session 5): constrained rows in multi-step rounds. The gpu
-# tests (engine: masks under graphs and rounds; the RoPE tables on CUDA), the core's step
+# One device call (2026-12-03, session 5; run twice: with constrained rows in multi-step
+# rounds, which is main, and with the next step's masks filled in a thread, reverted). The
+# gpu tests (engine: masks under graphs and rounds; the RoPE tables on CUDA), the core's step
 # cost plain vs constrained (bench/structured_steps), then served (bench/structured).
+# The session's first call, bench/gpu_check_2026-12-03e.sh, measured the overlap alone.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:.
