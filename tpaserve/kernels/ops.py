@@ -13,23 +13,9 @@ import torch
 
 from tpaserve.kernels.decode import decode_attention, make_workspace
 from tpaserve.kernels.prefill import prefill_attention
-from tpaserve.kernels.store import store_factors as _store_factors
+from tpaserve.kernels.store import store_factors
 
 __all__ = ["store_factors", "paged_attention", "make_workspace"]
-
-
-def _no_const_a(ak_cache) -> None:
-    if ak_cache is None:
-        raise NotImplementedError(
-            "MHA / GQA / MQA (constant-A factor cache) have no Triton kernels yet (#17 item "
-            "3); serve them on the CPU or wait for the CONST_A kernels")
-
-
-def store_factors(ak, bk, av, bv, cos, sin, slot_mapping, ak_cache, bk_cache, av_cache,
-                  bv_cache) -> None:
-    _no_const_a(ak_cache)
-    _store_factors(ak, bk, av, bv, cos, sin, slot_mapping, ak_cache, bk_cache, av_cache,
-                   bv_cache)
 
 
 def paged_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Tensor,
@@ -39,9 +25,9 @@ def paged_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Ten
                     workspace: torch.Tensor | None = None,
                     prefill_work: torch.Tensor | None = None) -> torch.Tensor:
     """q (T, h, d_h) -> (T, h, d_h): causal FlashTPA over the paged factor cache
-    (reference.paged_attention_ref defines the result). prefill_work: see
+    (reference.paged_attention_ref defines the result; ak_cache = av_cache = None: constant
+    A, MHA / GQA / MQA). prefill_work: see
     prefill.prefill_attention's `work` (built with skip_single_rows=True)."""
-    _no_const_a(ak_cache)
     out = decode_attention(q, ak_cache, bk_cache, av_cache, bv_cache, block_tables,
                            seq_lens, query_start_loc, max_seq_len, scale=scale,
                            workspace=workspace)
