@@ -14,6 +14,7 @@ import random
 import pytest
 
 from tests.engine.test_engine_e2e import (  # noqa: F401  (scheduler_steps: autouse fixture)
+    ENGINE_ARGS,
     GREEDY,
     SAMPLED,
     V,
@@ -111,4 +112,31 @@ def test_logprobs_prompt_logprobs_and_siblings(dense):
         want = reference_generate(dense, prompts[2], SamplingParams(
             max_tokens=6, seed=42 + i, **SAMPLED), None)
         assert o.token_ids == want, i
+    assert_drained(eng)
+
+
+@pytest.mark.parametrize("n_kv", [6, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_triton_kernels_and_padded_graph_paths_equal_reference(n_kv):
+    """The engine with the Triton ops (CPU interpreter) instead of the torch references, and
+    the static-buffer paths the CUDA graphs replay (run eagerly: padding rows, padding tokens
+    and sequences): greedy tokens equal reference generation."""
+    from tpaserve.kernels import _validate
+    if not _validate.INTERPRET:
+        pytest.skip("Triton on CPU tensors needs the interpreter (test_engine_gpu.py on CUDA)")
+    if ENGINE_ARGS["num_scheduler_steps"] != 4:
+        pytest.skip("one regime is enough: the interpreter is slow")
+    from tests.engine.test_cuda_graph_path import step_graphs
+    from tpaserve.kernels import ops as triton_ops
+    cfg = DenseConfig(n_layer=2, n_head=6, n_kv_head=n_kv, head_dim=8, n_embd=32,
+                      vocab_size=V, max_position=128)
+    model = DenseLM(cfg).init_random(seed=2, std=0.3).eval()
+    eng = engine(model, num_blocks=40, block_size=4, max_num_batched_tokens=48,
+                 max_num_seqs=10)
+    eng.core.runner.ops = triton_ops
+    step_graphs(eng)
+    prompts = random_prompts(10, 1, 30, seed=n_kv)
+    sp = SamplingParams(max_tokens=7, **GREEDY)
+    done = run(eng, [(str(i), p, sp) for i, p in enumerate(prompts)])
+    for i, p in enumerate(prompts):
+        assert tokens(done[str(i)]) == reference_generate(model, p, sp, None), i
     assert_drained(eng)
