@@ -23,6 +23,12 @@ rounded up to BLOCK_N and to at least `min_split` tokens. So one CUDA graph, cap
 with num_splits for max_model_len, gives a 512-token sequence a few short splits instead
 of one 512-token split (that one ran its tiles one after another: 15-60 us a layer).
 
+Constant A (MHA / GQA / MQA, ak_cache = av_cache = None; CONST_A): the ranks are the kv
+heads and query head j reads kv head j // GROUP, so a head block does one product per kv
+head it reads (KV_PB of them), each query row keeping its own kv head's logits:
+    S (HB, N) = sum_g [kvh == g] q @ B_K[:, g]^T        acc += ([kvh == g] p) @ B_V[:, g]
+with no A loads and no 1/R scaling (docs/kernel_notes.md, "The family in the factor cache").
+
 Launchers never read device values: sizes come from the caller as Python ints, and the
 split-K scratch can be passed in preallocated, so a decode step can be captured in a
 CUDA graph.

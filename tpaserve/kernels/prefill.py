@@ -12,7 +12,9 @@ the heads; here M is the queries of one head, and forming K_h halves the tensor-
 2048 queries x 32K context, one layer: 12.8 -> 5.9 ms at the same tiles, 4.4 with the
 tuned ones; docs/kernel_notes.md "Prefill".)
 K_h and V_h are rounded to the cache dtype for the products, as a materialised cache would
-be. Grid (query block, head, sequence); programs past a sequence's chunk exit at once.
+be. Constant A (MHA / GQA / MQA, CONST_A): K_h, V_h are B_K[:, h // GROUP], B_V[:, h //
+GROUP] as cached, no A and no 1/R. Grid (query block, head, sequence); programs past a
+sequence's chunk exit at once.
 Position tiles past the block's last query are never visited.
 """
 from __future__ import annotations
