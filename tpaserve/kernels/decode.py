@@ -343,6 +343,7 @@ _INTERPRET_CONFIG = DecodeConfig(head_block=16, block_n=16, num_warps=4, num_sta
                                  min_split=16, bt_prefetch=4)
 
 
+@functools.lru_cache(maxsize=None)
 def kv_heads_per_block(h: int, group: int, head_block: int) -> int:
     """Constant A: the most kv heads one block of head_block query heads reads (query head
     j reads kv head j // group). 1 when the block lies inside one group."""
