@@ -87,8 +87,8 @@ def _arg(default: Any, help: str, *, group: str, parse=None, choices=None, metav
 class EngineArgs:
     # ---- model
     model: str | None = _arg(
-        None, "T6 checkpoint directory (config.json + weights). Default: the bundled demo "
-        "model t6-demo", group="model", metavar="DIR")
+        None, "checkpoint directory (config.json + weights) of a T6, T6-KVonly, MHA, GQA or "
+        "MQA model. Default: the bundled demo model t6-demo", group="model", metavar="DIR")
     tokenizer: str | None = _arg(
         None, "tokenizer directory or file (tokenizer.json, tokenizer.model, vocab.json + "
         "merges.txt). Default: looked for in --model", group="model", metavar="PATH")

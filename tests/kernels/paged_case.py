@@ -16,9 +16,9 @@ import tpaserve.kernels.reference as ref
 @dataclass
 class PagedCase:
     q: torch.Tensor               # (T, h, d_h)
-    ak: torch.Tensor              # (num_blocks, bs, h, R_K)
+    ak: torch.Tensor | None       # (num_blocks, bs, h, R_K); None: constant A (R_K = n_kv)
     bk: torch.Tensor              # (num_blocks, bs, R_K, d_h)
-    av: torch.Tensor              # (num_blocks, bs, h, R_V)
+    av: torch.Tensor | None       # (num_blocks, bs, h, R_V)
     bv: torch.Tensor              # (num_blocks, bs, R_V, d_h)
     block_tables: torch.Tensor    # (B, max_blocks) int32
     seq_lens: torch.Tensor        # (B,) int32
@@ -34,13 +34,14 @@ class PagedCase:
 
     def reference(self, scale=None):
         # reference.py builds its causal mask on the CPU, so it runs there
-        cpu = [t.cpu() for t in (self.q, *self.caches(), *self.metadata())]
+        cpu = [t if t is None else t.cpu() for t in (self.q, *self.caches(), *self.metadata())]
         return ref.paged_attention_ref(*cpu, scale=scale).to(self.q.device)
 
 
 def make_case(lens, n_queries, h, d_h, r_k, r_v, bs, dtype=torch.float32, device="cpu",
-              seed=0, spare_blocks=3) -> PagedCase:
-    """lens[i]: context length of sequence i after the step; n_queries[i]: its query rows."""
+              seed=0, spare_blocks=3, const_a=False) -> PagedCase:
+    """lens[i]: context length of sequence i after the step; n_queries[i]: its query rows.
+    const_a: MHA / GQA / MQA's cache, r_k = r_v = the kv heads, no A caches."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     nblk = [-(-L // bs) for L in lens]
     num_blocks = sum(nblk) + spare_blocks
@@ -58,10 +59,12 @@ def make_case(lens, n_queries, h, d_h, r_k, r_v, bs, dtype=torch.float32, device
     qsl = [0]
     for n in n_queries:
         qsl.append(qsl[-1] + n)
+    q = rnd(qsl[-1], h, d_h)
+    ak = None if const_a else rnd(num_blocks, bs, h, r_k)
+    bk = rnd(num_blocks, bs, r_k, d_h)
+    av = None if const_a else rnd(num_blocks, bs, h, r_v)
     return PagedCase(
-        q=rnd(qsl[-1], h, d_h),
-        ak=rnd(num_blocks, bs, h, r_k), bk=rnd(num_blocks, bs, r_k, d_h),
-        av=rnd(num_blocks, bs, h, r_v), bv=rnd(num_blocks, bs, r_v, d_h),
+        q=q, ak=ak, bk=bk, av=av, bv=rnd(num_blocks, bs, r_v, d_h),
         block_tables=tables.to(torch.int32).to(device),
         seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
         query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),

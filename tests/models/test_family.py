@@ -9,7 +9,9 @@ head_dim != n_embd / n_head, sequences of 1, 37 and 130 tokens packed in one fla
 - exact fp32 tables (rope_tables="exact") match the authors' forward run with exact tables
   just as tightly, and differ from the bf16-table forward by far more than LP_TOL, so the
   comparison above can tell the two apart.
-The paged engine serves T6 only: load() of another variant is a one-line CheckpointError.
+The paged engine serves T6 and MHA / GQA / MQA (constant-A factor cache): load() returns
+them, and an engine started from their checkpoint directory generates what the reference
+does and reports the variant's bytes per token; MLA is a one-line CheckpointError.
 """
 from __future__ import annotations
 
@@ -128,16 +130,64 @@ def test_tpaserve_checkpoint_keeps_its_tables(tmp_path):
     assert loaded.cfg == dataclasses.replace(mla.cfg, name="d")
 
 
-@pytest.mark.parametrize("name", ["mha", "gqa", "mqa", "mla"])
-def test_paged_engine_refuses_other_variants_in_one_line(name, tmp_path):
-    cfg, fmt, _ = VARIANTS[name]
+def test_paged_engine_refuses_mla_in_one_line(tmp_path):
+    cfg, fmt, _ = VARIANTS["mla"]
     path = save_authors_checkpoint(AuthorsGPT(cfg).randomize(0, 0.1), tmp_path, fmt)
     with pytest.raises(CheckpointError) as e:
         load(path, dtype="float32", device="cpu")
     msg = str(e.value)
     assert "\n" not in msg and "not implemented yet" in msg
-    assert msg.split(" is ")[1].startswith({"mha": "MHA", "gqa": "GQA", "mqa": "MQA",
-                                            "mla": "MLA"}[name])
+    assert msg.split(" is ")[1].startswith("MLA")
+
+
+@pytest.mark.parametrize("name", ["mha", "gqa", "mqa"])
+def test_paged_engine_serves_dense_checkpoints(name, tmp_path, caplog):
+    """An authors' MHA / GQA / MQA checkpoint through EngineCore's own load(): greedy tokens
+    equal reference generation; the start-up log and /metrics give the variant's bytes per
+    token (2 n_kv d_h a layer) and the saving against the same model's MHA twin."""
+    import logging
+
+    from tests.reference import reference_generate
+    from tpaserve.args import EngineArgs
+    from tpaserve.core.engine_core import EngineCore
+    from tpaserve.frontend.llm_engine import build_engine
+    from tpaserve.frontend.metrics import EngineMetrics, render
+    from tpaserve.sampling_params import SamplingParams
+    cfg, fmt, _ = VARIANTS[name]
+    ref = AuthorsGPT(cfg).randomize(seed=3, std=0.35).eval()
+    path = save_authors_checkpoint(ref, tmp_path / name, fmt)
+    with caplog.at_level(logging.INFO):
+        core = EngineCore(EngineArgs(model=str(path), dtype="float32", device="cpu",
+                                     num_blocks=40, block_size=4).create_engine_config())
+    model, info = core.model, core.info
+    core.close()
+    assert isinstance(model, DenseLM) and model.cfg.variant == name
+    c = model.cfg
+    per_token = c.n_layer * 2 * c.n_kv_head * c.head_dim * 4
+    mha = c.n_layer * 2 * c.n_head * c.head_dim * 4
+    log = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"{name.upper()}: keys and values of {c.n_kv_head} kv head" in log
+    assert f"{per_token} B/token" in log and f"({mha / per_token:.1f}x fewer)" in log
+    assert (info.bytes_per_token, info.mha_bytes_per_token) == (per_token, mha)
+    EngineMetrics(info, f"family-{name}")
+    text = render()[0].decode()
+    for metric, want in (("factor_cache_bytes_per_token", per_token),
+                         ("mha_equivalent_bytes_per_token", mha)):
+        assert f'tpaserve:{metric}{{model_name="family-{name}"}} {float(want)}' in text
+    prompts = [s.tolist() for s in sequences(c.vocab_size, seed=5)[:2]] + [[3, 1, 4, 1, 5]]
+    sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    eng = build_engine(model, device="cpu", num_blocks=40, block_size=4,
+                       max_num_batched_tokens=16)
+    for i, p in enumerate(prompts):
+        eng.add_request(str(i), p[:30], sp)
+    done = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o.outputs[0].token_ids
+    for i, p in enumerate(prompts):
+        assert done[str(i)] == reference_generate(model, p[:30], sp, None), i
+    assert eng.core.blocks.num_free == eng.core.blocks.num_blocks
 
 
 @pytest.mark.parametrize("name,edit,match", [
@@ -190,20 +240,18 @@ def test_cache_bytes_per_token_of_the_paper_sizes():
     got = {c: cache_bytes_per_token(c, torch.bfloat16) for c in (t6, mha, gqa, mqa, mla)}
     assert list(got.values()) == [24 * 444 * 2, 24 * 2048 * 2, 24 * 256 * 2, 24 * 128 * 2,
                                   24 * 288 * 2]
-    assert got[t6] == FactorCacheSpec.from_model(t6, torch.bfloat16, 16).bytes_per_token
+    for c in (t6, mha, gqa, mqa):              # the engine's spec says the same
+        assert got[c] == FactorCacheSpec.from_model(c, torch.bfloat16, 16).bytes_per_token
 
 
-@pytest.mark.parametrize("model", [
-    DenseLM(DenseConfig(n_layer=1, n_head=4, n_kv_head=2, head_dim=6, n_embd=12, vocab_size=9)),
-    MLA(MLAConfig(n_layer=1, n_head=2, n_embd=12, vocab_size=9, q_lora_rank=5,
-                  kv_lora_rank=3, qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=3)),
-], ids=["gqa", "mla"])
-def test_engine_refuses_a_module_of_another_variant_in_one_line(model):
+def test_engine_refuses_an_mla_module_in_one_line():
     from tpaserve.config import ConfigError
     from tpaserve.frontend.llm_engine import build_engine
+    model = MLA(MLAConfig(n_layer=1, n_head=2, n_embd=12, vocab_size=9, q_lora_rank=5,
+                          kv_lora_rank=3, qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=3))
     with pytest.raises(ConfigError, match="not implemented yet") as e:
         build_engine(model, device="cpu", num_blocks=8)
-    assert "\n" not in str(e.value) and model.cfg.variant.upper() in str(e.value)
+    assert "\n" not in str(e.value) and "MLA" in str(e.value)
 
 
 def test_older_mla_file_reproduces_with_mla_rope_head_index(tmp_path):

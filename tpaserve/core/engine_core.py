@@ -61,7 +61,7 @@ from tpaserve.exceptions import (
     RequestRejected,
     SamplingParamsError,
 )
-from tpaserve.models.t6 import T6
+from tpaserve.models.decoder import DecoderLM
 from tpaserve.runner.factor_cache import FactorCache, FactorCacheSpec
 from tpaserve.runner.graphs import StepGraphs, decode_buckets, seq_buckets, token_buckets
 from tpaserve.runner.memory import num_blocks_for, profile_cuda_budget
@@ -96,7 +96,7 @@ NONFINITE_MESSAGE = ("the model's logits for this request were not finite (NaN o
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, model: T6 | None = None):
+    def __init__(self, config: EngineConfig, model: DecoderLM | None = None):
         """Load the checkpoint (or take `model`, already built), size the cache, capture the
         CUDA graphs. Raises ConfigError / CheckpointError on what the user gave."""
         if model is None:

@@ -115,11 +115,13 @@ FACTOR_CACHE_BYTES_USED = _gauge(
     "tpaserve:factor_cache_bytes_used", "Bytes of the factor-cache blocks in use.", LABELS)
 FACTOR_CACHE_BYTES_PER_TOKEN = _gauge(
     "tpaserve:factor_cache_bytes_per_token", "Factor-cache bytes per token: layers * "
-    "(R_K + R_V)(h + d_h) * itemsize.", LABELS)
+    "(R_K + R_V)(h + d_h) * itemsize for T6; layers * 2 n_kv d_h * itemsize for MHA / GQA / "
+    "MQA (constant A: only the kv heads' keys and values are cached).", LABELS)
 MHA_EQUIVALENT_BYTES_PER_TOKEN = _gauge(
-    "tpaserve:mha_equivalent_bytes_per_token", "KV-cache bytes per token of a multi-head "
-    "attention model of the same size (d_model / d_h heads): layers * 2 h d_h * itemsize.",
-    LABELS)
+    "tpaserve:mha_equivalent_bytes_per_token", "KV-cache bytes per token of the multi-head "
+    "attention model the saving is measured against: layers * 2 h d_h * itemsize, with h = "
+    "d_model / d_h for T6 (a same-size MHA model) and h = n_head for MHA / GQA / MQA (the "
+    "same model with a kv head per query head; MHA itself: equal).", LABELS)
 MHA_EQUIVALENT_CACHE_USED_BYTES = _gauge(
     "tpaserve:mha_equivalent_cache_used_bytes", "Bytes that same-size MHA model would need "
     "for the token slots of the blocks in use (used_blocks * block_size * its bytes/token).",

@@ -54,6 +54,45 @@ def factor_caches(ak_cache: torch.Tensor, bk_cache: torch.Tensor, av_cache: torc
     return nb, bs, h, d_h, r_k, r_v
 
 
+def const_a_caches(bk_cache: torch.Tensor, bv_cache: torch.Tensor,
+                   q: torch.Tensor | None = None) -> tuple[int, int, int, int, int, int]:
+    """The two caches of a constant-A layer (reference.py: ak_cache = av_cache = None;
+    B_K and B_V hold the n_kv kv heads). Returns (num_blocks, block_size, h, d_h, n_kv,
+    n_kv) like factor_caches, with h = q's query heads (a multiple of n_kv; n_kv without q)."""
+    for name, t in (("bk_cache", bk_cache), ("bv_cache", bv_cache)):
+        if t.dim() != 4 or not t.is_contiguous() or t.dtype not in FLOAT_DTYPES:
+            require(t.dim() == 4, f"{name} must be 4-D (num_blocks, block_size, n_kv, d_h), "
+                                  f"got shape {tuple(t.shape)}")
+            require(t.is_contiguous(), f"{name} must be contiguous, got strides {t.stride()}")
+            require(False, f"{name} dtype must be fp16/bf16/fp32, got {t.dtype}")
+    if (bv_cache.shape != bk_cache.shape or bv_cache.dtype != bk_cache.dtype
+            or bv_cache.device != bk_cache.device):
+        raise KernelInputError(
+            f"bv_cache {tuple(bv_cache.shape)} {bv_cache.dtype} on {bv_cache.device} must "
+            f"match bk_cache {tuple(bk_cache.shape)} {bk_cache.dtype} on {bk_cache.device} "
+            f"(constant A: both hold the kv heads)")
+    nb, bs, n_kv, d_h = bk_cache.shape
+    h = n_kv
+    if q is not None:
+        h = q.shape[1] if q.dim() == 3 else -1
+        if h < 1 or h % n_kv:
+            raise KernelInputError(f"constant A: q must be (T, h, d_h) with h a multiple of "
+                                   f"the {n_kv} kv heads, got shape {tuple(q.shape)}")
+    return nb, bs, h, d_h, n_kv, n_kv
+
+
+def caches(q: torch.Tensor, ak_cache: torch.Tensor | None, bk_cache: torch.Tensor,
+           av_cache: torch.Tensor | None,
+           bv_cache: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    """factor_caches, or const_a_caches when ak_cache is None (then av_cache must be too)."""
+    if ak_cache is None or av_cache is None:
+        if ak_cache is not None or av_cache is not None:
+            raise KernelInputError("ak_cache and av_cache must both be None (constant A) or "
+                                   "both be tensors")
+        return const_a_caches(bk_cache, bv_cache, q)
+    return factor_caches(ak_cache, bk_cache, av_cache, bv_cache)
+
+
 def _bad_caches(caches) -> None:
     names = ("ak_cache", "bk_cache", "av_cache", "bv_cache")
     for name, t in zip(names, caches):

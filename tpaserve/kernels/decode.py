@@ -23,6 +23,12 @@ rounded up to BLOCK_N and to at least `min_split` tokens. So one CUDA graph, cap
 with num_splits for max_model_len, gives a 512-token sequence a few short splits instead
 of one 512-token split (that one ran its tiles one after another: 15-60 us a layer).
 
+Constant A (MHA / GQA / MQA, ak_cache = av_cache = None; CONST_A): the ranks are the kv
+heads and query head j reads kv head j // GROUP, so a head block does one product per kv
+head it reads (KV_PB of them), each query row keeping its own kv head's logits:
+    S (HB, N) = sum_g [kvh == g] q @ B_K[:, g]^T        acc += ([kvh == g] p) @ B_V[:, g]
+with no A loads and no 1/R scaling (docs/kernel_notes.md, "The family in the factor cache").
+
 Launchers never read device values: sizes come from the caller as Python ints, and the
 split-K scratch can be passed in preallocated, so a decode step can be captured in a
 CUDA graph.
@@ -88,12 +94,15 @@ def _rank(a, s: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr):
 
 @triton.jit
 def _tile(q, m_i, l_i, acc, start, hi, blk, ak_ptr, bk_ptr, av_ptr, bv_ptr, bt_row, offs_h,
-          offs_d, qk_scale, H: tl.constexpr, D: tl.constexpr, R_K: tl.constexpr,
+          offs_d, qk_scale, kv0, H: tl.constexpr, D: tl.constexpr, R_K: tl.constexpr,
           R_V: tl.constexpr, BS: tl.constexpr, HB: tl.constexpr, D_PAD: tl.constexpr,
           RK_PAD: tl.constexpr, RV_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-          H_EVEN: tl.constexpr):
+          H_EVEN: tl.constexpr, CONST_A: tl.constexpr, GROUP: tl.constexpr,
+          KV_PB: tl.constexpr):
     """One tile of BLOCK_N positions from `start`: online-softmax update of (m, l, acc).
-    blk: the tile's cache block when it lies inside one block (BS % BLOCK_N == 0)."""
+    blk: the tile's cache block when it lies inside one block (BS % BLOCK_N == 0).
+    CONST_A: no A factors; query head j reads kv head j // GROUP, and the head block's
+    query heads read the KV_PB kv heads kv0, kv0 + 1, ... (see _decode_kernel)."""
     pos = start + tl.arange(0, BLOCK_N)           # (N,) positions of this tile
     tok_ok = pos < hi
     h_ok = offs_h < H
@@ -115,17 +124,34 @@ def _tile(q, m_i, l_i, acc, start, hi, blk, ak_ptr, bk_ptr, av_ptr, bv_ptr, bt_r
         avp = av_ptr
         bvp = bv_ptr
 
-    ak = _load_a(akp, slot, offs_h, tok_ok, h_ok, H, R_K, RK_PAD, H_EVEN)  # (N, HB[, R])
     b_mask = tok_ok[:, None]
     if D_PAD != D:
         b_mask = b_mask & (offs_d < D)[None, :]
     s_hn = tl.zeros([HB, BLOCK_N], tl.float32)
-    for s in tl.static_range(R_K):
-        bk = tl.load(bkp + slot[:, None] * (R_K * D) + s * D + offs_d[None, :],
-                     mask=b_mask, other=0.0)                          # (N, D_PAD)
-        qb = tl.dot(q, tl.trans(bk))                                  # (HB, N)
-        ak_s = _rank(ak, s, R_K, RK_PAD)                              # (N, HB)
-        s_hn += qb * tl.trans(ak_s).to(tl.float32)
+    if CONST_A:
+        # GQA over the ranks: one product per kv head the block reads, each row keeping
+        # the logits of its own kv head (a block inside one group: no selection at all)
+        # the load of a kv head past the last one (the last block) is clamped to it; the
+        # selection compares with the unclamped index, so only padded head rows (never
+        # written) can take it
+        kvh = offs_h // GROUP                                         # (HB,)
+        for i in tl.static_range(KV_PB):
+            g = tl.minimum(kv0 + i, R_K - 1)
+            bk = tl.load(bkp + slot[:, None] * (R_K * D) + g * D + offs_d[None, :],
+                         mask=b_mask, other=0.0)                      # (N, D_PAD)
+            qb = tl.dot(q, tl.trans(bk))                              # (HB, N)
+            if KV_PB == 1:
+                s_hn = qb
+            else:
+                s_hn += tl.where((kvh == kv0 + i)[:, None], qb, 0.0)
+    else:
+        ak = _load_a(akp, slot, offs_h, tok_ok, h_ok, H, R_K, RK_PAD, H_EVEN)  # (N, HB[, R])
+        for s in tl.static_range(R_K):
+            bk = tl.load(bkp + slot[:, None] * (R_K * D) + s * D + offs_d[None, :],
+                         mask=b_mask, other=0.0)                      # (N, D_PAD)
+            qb = tl.dot(q, tl.trans(bk))                              # (HB, N)
+            ak_s = _rank(ak, s, R_K, RK_PAD)                          # (N, HB)
+            s_hn += qb * tl.trans(ak_s).to(tl.float32)
 
     # online softmax in base 2 (qk_scale carries log2 e)
     logits = tl.where(tok_ok[None, :], s_hn * qk_scale, float("-inf"))
@@ -135,13 +161,24 @@ def _tile(q, m_i, l_i, acc, start, hi, blk, ak_ptr, bk_ptr, av_ptr, bv_ptr, bt_r
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
 
-    av = _load_a(avp, slot, offs_h, tok_ok, h_ok, H, R_V, RV_PAD, H_EVEN)  # (N, HB[, R])
-    for u in tl.static_range(R_V):
-        bv = tl.load(bvp + slot[:, None] * (R_V * D) + u * D + offs_d[None, :],
-                     mask=b_mask, other=0.0)                          # (N, D_PAD)
-        av_u = _rank(av, u, R_V, RV_PAD)                              # (N, HB)
-        w = (p * tl.trans(av_u).to(tl.float32)).to(bv.dtype)          # (HB, N)
-        acc = tl.dot(w, bv, acc)                                      # (HB, D_PAD)
+    if CONST_A:
+        for i in tl.static_range(KV_PB):
+            g = tl.minimum(kv0 + i, R_V - 1)
+            bv = tl.load(bvp + slot[:, None] * (R_V * D) + g * D + offs_d[None, :],
+                         mask=b_mask, other=0.0)                      # (N, D_PAD)
+            if KV_PB == 1:
+                w = p.to(bv.dtype)
+            else:
+                w = tl.where((kvh == kv0 + i)[:, None], p, 0.0).to(bv.dtype)  # (HB, N)
+            acc = tl.dot(w, bv, acc)                                  # (HB, D_PAD)
+    else:
+        av = _load_a(avp, slot, offs_h, tok_ok, h_ok, H, R_V, RV_PAD, H_EVEN)  # (N, HB[, R])
+        for u in tl.static_range(R_V):
+            bv = tl.load(bvp + slot[:, None] * (R_V * D) + u * D + offs_d[None, :],
+                         mask=b_mask, other=0.0)                      # (N, D_PAD)
+            av_u = _rank(av, u, R_V, RV_PAD)                          # (N, HB)
+            w = (p * tl.trans(av_u).to(tl.float32)).to(bv.dtype)      # (HB, N)
+            acc = tl.dot(w, bv, acc)                                  # (HB, D_PAD)
     return m_new, l_i, acc
 
 
@@ -167,6 +204,9 @@ def _decode_kernel(
     RV_PAD: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     MERGE_SB: tl.constexpr,       # splits merged per step (sized to ~32 fp32 values a thread)
     BT_PF: tl.constexpr,          # > 0: block-table entries of BT_PF tiles read as one vector
+    CONST_A: tl.constexpr,        # MHA / GQA / MQA: no A caches (ak/av pointers unused)
+    GROUP: tl.constexpr,          # CONST_A: query heads per kv head (R_K = R_V = kv heads)
+    KV_PB: tl.constexpr,          # CONST_A: kv heads one head block reads at most
 ):
     hb = tl.program_id(0)
     sp = tl.program_id(1)
@@ -199,6 +239,7 @@ def _decode_kernel(
     l_i = tl.zeros([HB], tl.float32)
     acc = tl.zeros([HB, D_PAD], tl.float32)
     bt_row = bt_ptr + b * stride_bt
+    kv0 = (hb * HB) // GROUP                      # CONST_A: the block's first kv head
     if (BS % BLOCK_N == 0) and (BT_PF > 0):
         # Block ids of BT_PF tiles in one vector load, then picked per tile from registers:
         # the tile addresses no longer wait on a scalar block-table load every iteration.
@@ -209,8 +250,9 @@ def _decode_kernel(
             for start in range(c0, tl.minimum(c0 + BT_PF * BLOCK_N, hi), BLOCK_N):
                 blk = tl.sum(tl.where(offs_t == (start - c0) // BLOCK_N, ids, 0))
                 m_i, l_i, acc = _tile(q, m_i, l_i, acc, start, hi, blk, ak_ptr, bk_ptr,
-                                      av_ptr, bv_ptr, bt_row, offs_h, offs_d, qk_scale, H, D,
-                                      R_K, R_V, BS, HB, D_PAD, RK_PAD, RV_PAD, BLOCK_N, H_EVEN)
+                                      av_ptr, bv_ptr, bt_row, offs_h, offs_d, qk_scale, kv0,
+                                      H, D, R_K, R_V, BS, HB, D_PAD, RK_PAD, RV_PAD, BLOCK_N,
+                                      H_EVEN, CONST_A, GROUP, KV_PB)
     else:
         for start in range(lo, hi, BLOCK_N):
             if BS % BLOCK_N == 0:
@@ -218,8 +260,9 @@ def _decode_kernel(
             else:
                 blk = 0                               # per-position loads inside _tile
             m_i, l_i, acc = _tile(q, m_i, l_i, acc, start, hi, blk, ak_ptr, bk_ptr, av_ptr,
-                                  bv_ptr, bt_row, offs_h, offs_d, qk_scale, H, D, R_K, R_V,
-                                  BS, HB, D_PAD, RK_PAD, RV_PAD, BLOCK_N, H_EVEN)
+                                  bv_ptr, bt_row, offs_h, offs_d, qk_scale, kv0, H, D, R_K,
+                                  R_V, BS, HB, D_PAD, RK_PAD, RV_PAD, BLOCK_N, H_EVEN,
+                                  CONST_A, GROUP, KV_PB)
 
     if SPLIT:
         direct = n_used == 1      # a sequence short enough for one split: no partials
@@ -300,8 +343,16 @@ _INTERPRET_CONFIG = DecodeConfig(head_block=16, block_n=16, num_warps=4, num_sta
                                  min_split=16, bt_prefetch=4)
 
 
+@functools.lru_cache(maxsize=None)
+def kv_heads_per_block(h: int, group: int, head_block: int) -> int:
+    """Constant A: the most kv heads one block of head_block query heads reads (query head
+    j reads kv head j // group). 1 when the block lies inside one group."""
+    return max(min(h - 1, hb + head_block - 1) // group - hb // group + 1
+               for hb in range(0, h, head_block))
+
+
 def decode_config(h: int, d_h: int, r_k: int, r_v: int, block_size: int,
-                  batch: int) -> DecodeConfig:
+                  batch: int, const_a: bool = False) -> DecodeConfig:
     """Tile config per model shape, cache block size and batch (GPU). Measured on the H200
     with Triton 3.6 (docs/kernel_notes.md): small programs win, because Triton 3.6 gives
     these tiles 130-255 registers a thread and occupancy, not tile efficiency, bounds the
@@ -318,6 +369,12 @@ def decode_config(h: int, d_h: int, r_k: int, r_v: int, block_size: int,
     """
     if v.INTERPRET:
         return _INTERPRET_CONFIG
+    if const_a:
+        # MHA / GQA / MQA (not measured yet, docs/kernel_notes.md): 16-head blocks, one
+        # product per kv head a block reads (16 for MHA), so fewer stages than T6's.
+        # MQA (one kv head) with h <= 32 takes the paper shape's all-heads program below.
+        if not (r_k == 1 and h <= 32):
+            return DecodeConfig(head_block=16, block_n=16, num_warps=4, num_stages=2)
     if r_k == 1 and r_v == 1 and h <= 32:
         # paper shape (h 32, R 1): all heads in one 1-warp program
         bn = 32 if block_size % 32 == 0 else 16
@@ -446,11 +503,12 @@ def decode_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Te
     and CUDA-graph replays; allocated here when None.
     num_splits / config override the heuristic and the tuned tiles (tests, benchmarks).
     """
-    _, bs, h, d_h, r_k, r_v = v.factor_caches(ak_cache, bk_cache, av_cache, bv_cache)
+    _, bs, h, d_h, r_k, r_v = v.caches(q, ak_cache, bk_cache, av_cache, bv_cache)
+    const_a = ak_cache is None
     batch = v.step_metadata(q, block_tables, seq_lens, query_start_loc, h, d_h,
-                            ak_cache.dtype, ak_cache.device)
+                            bk_cache.dtype, bk_cache.device)
     out = v.output(out, q)
-    cfg = config or decode_config(h, d_h, r_k, r_v, bs, batch)
+    cfg = config or decode_config(h, d_h, r_k, r_v, bs, batch, const_a)
     if num_splits is None:
         num_splits = num_splits_for(batch, h, max_seq_len, cfg, q.device)
     if not isinstance(num_splits, int) or num_splits < 1:
@@ -480,15 +538,22 @@ def decode_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Te
         _Counters.prepare(ws, cnt_offset, ml_offset + batch * num_splits * h * 2)
     grid = (n_prog, num_splits, batch)
     merge_sb = cfg.merge_sb or max(1, 32 * 32 * cfg.num_warps // (hb * d_pad))
+    group = h // r_k if const_a else 1
+    if const_a:            # one-hot A of weight 1: no 1/R in the logits or the output
+        ak_cache = av_cache = bk_cache                  # stand-ins, never read
+        qk_scale, out_scale = scale * LOG2E, 1.0
+    else:
+        qk_scale, out_scale = scale / r_k * LOG2E, 1.0 / r_v
     _decode_kernel[grid](
         q, ak_cache, bk_cache, av_cache, bv_cache, block_tables, seq_lens, query_start_loc,
         out, ws, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0), min_split_for(batch, cfg), num_splits, ml_offset, cnt_offset,
-        scale / r_k * LOG2E, 1.0 / r_v,
+        qk_scale, out_scale,
         H=h, D=d_h, R_K=r_k, R_V=r_v, BS=bs, HB=hb, D_PAD=d_pad,
         RK_PAD=v.next_pow2(r_k), RV_PAD=v.next_pow2(r_v), BLOCK_N=cfg.block_n,
         SPLIT=num_splits > 1, MERGE_SB=merge_sb,
-        BT_PF=cfg.bt_prefetch,
+        BT_PF=cfg.bt_prefetch, CONST_A=const_a, GROUP=group,
+        KV_PB=kv_heads_per_block(h, group, hb) if const_a else 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     return out

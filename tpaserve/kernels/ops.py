@@ -25,7 +25,8 @@ def paged_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Ten
                     workspace: torch.Tensor | None = None,
                     prefill_work: torch.Tensor | None = None) -> torch.Tensor:
     """q (T, h, d_h) -> (T, h, d_h): causal FlashTPA over the paged factor cache
-    (reference.paged_attention_ref defines the result). prefill_work: see
+    (reference.paged_attention_ref defines the result; ak_cache = av_cache = None: constant
+    A, MHA / GQA / MQA). prefill_work: see
     prefill.prefill_attention's `work` (built with skip_single_rows=True)."""
     out = decode_attention(q, ak_cache, bk_cache, av_cache, bv_cache, block_tables,
                            seq_lens, query_start_loc, max_seq_len, scale=scale,

@@ -12,7 +12,9 @@ the heads; here M is the queries of one head, and forming K_h halves the tensor-
 2048 queries x 32K context, one layer: 12.8 -> 5.9 ms at the same tiles, 4.4 with the
 tuned ones; docs/kernel_notes.md "Prefill".)
 K_h and V_h are rounded to the cache dtype for the products, as a materialised cache would
-be. Grid (query block, head, sequence); programs past a sequence's chunk exit at once.
+be. Constant A (MHA / GQA / MQA, CONST_A): K_h, V_h are B_K[:, h // GROUP], B_V[:, h //
+GROUP] as cached, no A and no 1/R. Grid (query block, head, sequence); programs past a
+sequence's chunk exit at once.
 Position tiles past the block's last query are never visited.
 """
 from __future__ import annotations
@@ -39,6 +41,8 @@ def _prefill_kernel(
     BS: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SKIP_SINGLE: tl.constexpr,    # sequences with one query row are left to the decode kernel
     WORK_LIST: tl.constexpr,      # grid (work items, heads): item g = (sequence, query block)
+    CONST_A: tl.constexpr,        # MHA / GQA / MQA: head h reads kv head h // GROUP of B_K,
+    GROUP: tl.constexpr,          # B_V as its K_h, V_h (no A caches: ak/av pointers unused)
 ):
     h = tl.program_id(1)
     if WORK_LIST:
@@ -77,13 +81,17 @@ def _prefill_kernel(
         blk = tl.load(bt_row + pos // BS, mask=tok_ok, other=0)
         slot = blk.to(tl.int64) * BS + pos % BS
         b_mask = tok_ok[:, None] & b_mask_d
-        k = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-        for s in tl.static_range(R_K):
-            bk = tl.load(bk_ptr + slot[:, None] * (R_K * D) + s * D + offs_d[None, :],
-                         mask=b_mask, other=0.0)                        # (N, D_PAD)
-            ak_s = tl.load(ak_ptr + slot * (H * R_K) + h * R_K + s, mask=tok_ok,
-                           other=0.0).to(tl.float32)                    # (N,)
-            k += bk.to(tl.float32) * ak_s[:, None]
+        if CONST_A:
+            k = tl.load(bk_ptr + slot[:, None] * (R_K * D) + (h // GROUP) * D
+                        + offs_d[None, :], mask=b_mask, other=0.0)     # (N, D_PAD)
+        else:
+            k = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+            for s in tl.static_range(R_K):
+                bk = tl.load(bk_ptr + slot[:, None] * (R_K * D) + s * D + offs_d[None, :],
+                             mask=b_mask, other=0.0)                    # (N, D_PAD)
+                ak_s = tl.load(ak_ptr + slot * (H * R_K) + h * R_K + s, mask=tok_ok,
+                               other=0.0).to(tl.float32)                # (N,)
+                k += bk.to(tl.float32) * ak_s[:, None]
         s_mn = tl.dot(q, tl.trans(k.to(q.dtype)))                       # (M, N)
         causal = (pos[None, :] <= qpos[:, None]) & tok_ok[None, :]
         logits = tl.where(causal, s_mn * qk_scale, float("-inf"))
@@ -95,13 +103,17 @@ def _prefill_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
         m_i = m_new
-        vt = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-        for u in tl.static_range(R_V):
-            bv = tl.load(bv_ptr + slot[:, None] * (R_V * D) + u * D + offs_d[None, :],
-                         mask=b_mask, other=0.0)                        # (N, D_PAD)
-            av_u = tl.load(av_ptr + slot * (H * R_V) + h * R_V + u, mask=tok_ok,
-                           other=0.0).to(tl.float32)                    # (N,)
-            vt += bv.to(tl.float32) * av_u[:, None]
+        if CONST_A:
+            vt = tl.load(bv_ptr + slot[:, None] * (R_V * D) + (h // GROUP) * D
+                         + offs_d[None, :], mask=b_mask, other=0.0)    # (N, D_PAD)
+        else:
+            vt = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+            for u in tl.static_range(R_V):
+                bv = tl.load(bv_ptr + slot[:, None] * (R_V * D) + u * D + offs_d[None, :],
+                             mask=b_mask, other=0.0)                    # (N, D_PAD)
+                av_u = tl.load(av_ptr + slot * (H * R_V) + h * R_V + u, mask=tok_ok,
+                               other=0.0).to(tl.float32)                # (N,)
+                vt += bv.to(tl.float32) * av_u[:, None]
         acc = tl.dot(p.to(q.dtype), vt.to(q.dtype), acc)                # (M, D_PAD)
     inv_l = out_scale / tl.where(l_i > 0, l_i, 1.0)    # l = 0: no context, acc = 0
     o = acc * inv_l[:, None]
@@ -173,9 +185,10 @@ def prefill_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.T
     (query blocks of max_query_len) x heads x sequences, so a launch sized for the largest
     step (a CUDA graph) does not pay for idle programs.
     """
-    _, bs, h, d_h, r_k, r_v = v.factor_caches(ak_cache, bk_cache, av_cache, bv_cache)
+    _, bs, h, d_h, r_k, r_v = v.caches(q, ak_cache, bk_cache, av_cache, bv_cache)
+    const_a = ak_cache is None
     batch = v.step_metadata(q, block_tables, seq_lens, query_start_loc, h, d_h,
-                            ak_cache.dtype, ak_cache.device)
+                            bk_cache.dtype, bk_cache.device)
     out = v.output(out, q)
     if batch == 0 or max_query_len <= 0:
         return out
@@ -189,12 +202,18 @@ def prefill_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.T
         grid = (work.numel() // 2, h, 1)
     else:
         grid = (triton.cdiv(max_query_len, cfg.block_m), h, batch)
+    if const_a:            # one-hot A of weight 1: no 1/R in the logits or the output
+        ak_cache = av_cache = bk_cache                  # stand-ins, never read
+        qk_scale, out_scale = scale * LOG2E, 1.0
+    else:
+        qk_scale, out_scale = scale / r_k * LOG2E, 1.0 / r_v
     _prefill_kernel[grid](
         q, ak_cache, bk_cache, av_cache, bv_cache, block_tables, seq_lens, query_start_loc, out,
         work if work is not None else seq_lens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        scale / r_k * LOG2E, 1.0 / r_v,
+        qk_scale, out_scale,
         H=h, D=d_h, R_K=r_k, R_V=r_v, BS=bs, D_PAD=v.next_pow2(d_h, 16),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SKIP_SINGLE=skip_single_rows,
-        WORK_LIST=work is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        WORK_LIST=work is not None, CONST_A=const_a, GROUP=h // r_k if const_a else 1,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

@@ -18,6 +18,13 @@ causally over cache positions 0..pos (the step's factors are stored before atten
 FlashTPA equations (../shared/TPA.md section 1), q already = A_Q B_Q / R_Q:
     logit[t, h, m] = scale / R_K * sum_s A_K[m, h, s] * (q[t, h] . B_K[m, s])
     out[t, h, :]   = 1 / R_V * sum_{m, u} p[t, h, m] * A_V[m, h, u] * B_V[m, u, :]
+
+Constant A (MHA / GQA / MQA as non-contextual TPA, runner/factor_cache.py): ak_cache and
+av_cache are None, R_K = R_V = n_kv, and A is the one-hot mixing A[h, s] = R if
+s == h // (H / R) else 0, the same for every token. The sums collapse to GQA attention
+with the ranks as kv heads (g(h) = h // (H / n_kv)):
+    logit[t, h, m] = scale * q[t, h] . B_K[m, g(h)]      out[t, h] = sum_m p[t, h, m] B_V[m, g(h)]
+The store then writes B_K (rotated) and B_V only; the step's A arguments are ignored.
 """
 from __future__ import annotations
 
@@ -41,16 +48,18 @@ def store_factors_ref(ak, bk, av, bv, cos, sin, slot_mapping,
 
     ak (T, h, R_K), bk (T, R_K, d_h) *unrotated*, av (T, h, R_V), bv (T, R_V, d_h);
     cos, sin (T, d_h/2); slot_mapping (T,), -1 rows are skipped.
+    ak_cache = av_cache = None (constant A): only B_K and B_V are written; ak, av ignored.
     """
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    bs = ak_cache.size(1)
+    bs = bk_cache.size(1)
     blk, off = slots // bs, slots % bs
     bk_rot = rope_ref(bk[keep], cos[keep], sin[keep])
-    ak_cache[blk, off] = ak[keep].to(ak_cache.dtype)
     bk_cache[blk, off] = bk_rot.to(bk_cache.dtype)
-    av_cache[blk, off] = av[keep].to(av_cache.dtype)
     bv_cache[blk, off] = bv[keep].to(bv_cache.dtype)
+    if ak_cache is not None:
+        ak_cache[blk, off] = ak[keep].to(ak_cache.dtype)
+        av_cache[blk, off] = av[keep].to(av_cache.dtype)
 
 
 def gather_sequence(cache: torch.Tensor, block_row: torch.Tensor, length: int) -> torch.Tensor:
@@ -63,8 +72,12 @@ def gather_sequence(cache: torch.Tensor, block_row: torch.Tensor, length: int) -
 def paged_attention_ref(q, ak_cache, bk_cache, av_cache, bv_cache, block_tables, seq_lens,
                         query_start_loc, scale: float | None = None) -> torch.Tensor:
     """Causal attention of each sequence's query rows over its cached factors, in fp32,
-    never materialising k or v. q (T, h, d_h) -> (T, h, d_h) in q's dtype."""
+    never materialising k or v. q (T, h, d_h) -> (T, h, d_h) in q's dtype.
+    ak_cache = av_cache = None: constant A (kv head h // (H / R) per query head h)."""
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    if ak_cache is None:
+        return _const_a_attention_ref(q, bk_cache, bv_cache, block_tables, seq_lens,
+                                      query_start_loc, scale)
     out = torch.empty_like(q)
     qsl = query_start_loc.tolist()
     lens = seq_lens.tolist()
@@ -85,6 +98,34 @@ def paged_attention_ref(q, ak_cache, bk_cache, av_cache, bv_cache, block_tables,
         p = torch.softmax(logits, dim=-1)                             # (n, h, L)
         w = torch.einsum("nhm,mhu->nhmu", p, av)                      # (n, h, L, R_V)
         out[qs:qe] = (torch.einsum("nhmu,mud->nhd", w, bv) / av.size(-1)).to(q.dtype)
+    return out
+
+
+def kv_head_of(h: int, n_kv: int, device=None) -> torch.Tensor:
+    """(h,) int64: the kv head each query head reads with constant A (repeat_interleave)."""
+    if h % n_kv:
+        raise ValueError(f"{n_kv} kv heads do not divide {h} query heads")
+    return torch.arange(h, device=device) // (h // n_kv)
+
+
+def _const_a_attention_ref(q, bk_cache, bv_cache, block_tables, seq_lens, query_start_loc,
+                           scale: float) -> torch.Tensor:
+    out = torch.empty_like(q)
+    g = kv_head_of(q.size(1), bk_cache.size(2), q.device)                # (h,)
+    qsl = query_start_loc.tolist()
+    for i, L in enumerate(seq_lens.tolist()):
+        qs, qe = qsl[i], qsl[i + 1]
+        if qe == qs:
+            continue
+        k = gather_sequence(bk_cache, block_tables[i], L).float()[:, g]   # (L, h, d_h)
+        v = gather_sequence(bv_cache, block_tables[i], L).float()[:, g]   # (L, h, d_h)
+        qi = q[qs:qe].float()                                             # (n, h, d_h)
+        logits = torch.einsum("nhd,mhd->nhm", qi, k) * scale              # (n, h, L)
+        pos = torch.arange(L - (qe - qs), L, device=q.device)
+        mask = torch.arange(L, device=q.device)[None, :] > pos[:, None]   # (n, L) future
+        logits.masked_fill_(mask[:, None, :], float("-inf"))
+        p = torch.softmax(logits, dim=-1)
+        out[qs:qe] = torch.einsum("nhm,mhd->nhd", p, v).to(q.dtype)
     return out
 
 

@@ -10,7 +10,8 @@ Rules, decided once here:
   them all as model_type "gpt2", and their KVonly configs may still carry q_rank.
 - RoPE tables: as the checkpoint was trained (config.json rope_table_dtype; absent = the
   authors' bf16-rounded tables) unless rope_tables="exact" (--rope-tables exact) asks fp32.
-- load() returns a T6 (the paged engine serves only T6); load_any() any variant, for the
+- load() returns what the paged engine serves: T6 / T6-KVonly, and MHA / GQA / MQA (as
+  non-contextual TPA, runner/factor_cache.py); load_any() any variant, MLA too, for the
   plain full-recompute forward (models/attention.FullSequenceAttention).
 - Keys may carry torch.compile's `_orig_mod.` prefix; it is stripped.
 - lm_head.weight is the tied embedding: it may be absent, present alongside
@@ -237,16 +238,17 @@ def _check(index: dict, expected: dict[str, tuple[int, ...]], root: Path, cfg: F
 
 
 def load(path: str | Path, dtype: str | torch.dtype = "auto", device: str = "auto",
-         rope_tables: str = "trained") -> T6:
-    """Checkpoint directory -> T6 in eval mode, no grads, weights in dtype on device: what
-    the paged engine serves. Another variant of the family is a one-line CheckpointError
-    (load_any loads it). rope_tables: "trained" | "exact" (config.ROPE_TABLES)."""
+         rope_tables: str = "trained") -> T6 | DenseLM:
+    """Checkpoint directory -> T6 or DenseLM (MHA / GQA / MQA) in eval mode, no grads,
+    weights in dtype on device: what the paged engine serves. MLA is a one-line
+    CheckpointError (load_any loads it). rope_tables: "trained" | "exact" (config.ROPE_TABLES)."""
     model = load_any(path, dtype, device, rope_tables)
-    if not isinstance(model, T6):
+    if not isinstance(model, (T6, DenseLM)):
         raise CheckpointError(
             f"{path} is {describe(model.cfg)}: tpaserve loads it for the plain full-recompute "
             f"forward (models.loader.load_any) but serving it through the paged factor cache "
-            f"is not implemented yet (#17 item 3); the engine serves T6 and T6-KVonly")
+            f"is not implemented yet (#17 item 3; MLA needs its own latent cache); the engine "
+            f"serves T6, T6-KVonly, MHA, GQA and MQA")
     return model
 
 

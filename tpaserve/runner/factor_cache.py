@@ -5,6 +5,12 @@ Layout, per factor, all layers in one allocation (layer-major, so a layer's view
 contiguous; the kernels read one block as one contiguous tile per factor):
     ak (L, num_blocks, block_size, h, R_K)      bk (L, num_blocks, block_size, R_K, d_h)  RoPE'd
     av (L, num_blocks, block_size, h, R_V)      bv (L, num_blocks, block_size, R_V, d_h)
+
+MHA / GQA / MQA are served as *non-contextual* TPA (models/dense.py): R_K = R_V = n_kv,
+B_K / B_V = the kv heads' keys / values, and A is a constant of the layer (query head j
+reads kv head j // (h / n_kv)). A constant-A cache (spec.const_a) holds no ak / av at all:
+`layer(i)` gives None for them, which the ops read as "A is that one-hot mixing"
+(kernels/reference.py). Bytes per token: 2 n_kv d_h a layer, a GQA KV cache's.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from tpaserve.config import ConfigError, ModelConfig
+from tpaserve.models.dense import DenseConfig
 
 _ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
 
@@ -24,44 +31,60 @@ def cache_bytes_per_token(cfg, dtype: torch.dtype) -> int:
         MHA / GQA / MQA 2 n_kv d_h              keys and values of the kv heads: served as
                                                 non-contextual TPA, A is a per-layer constant
         MLA             kv_lora_rank + rope     the latent and the shared RoPE'd key
-    Only T6 has a cache today; the others' numbers size the one item 3 of #17 adds
-    (docs/kernel_notes.md, "The family in the factor cache")."""
+    T6 and MHA / GQA / MQA are served (FactorCacheSpec.bytes_per_token equals this); MLA's
+    latent cache is not built yet (docs/kernel_notes.md, "The family in the factor cache")."""
     return cfg.n_layer * cfg.cache_elems_per_token_layer * _ITEMSIZE[dtype]
 
 
 @dataclass(frozen=True)
 class FactorCacheSpec:
     n_layer: int
-    n_head: int
+    n_head: int                     # query heads
     head_dim: int
-    k_rank: int
+    k_rank: int                     # MHA / GQA / MQA: n_kv (the B factors are the kv heads)
     v_rank: int
     dtype: torch.dtype
     block_size: int
-    mha_heads: int                  # heads of a same-size MHA model, for the comparison
+    mha_heads: int                  # heads of the MHA model the saving is measured against
+    const_a: bool = False           # A is a constant of the layer: no ak / av in the cache
+    variant: str = "T6"             # for the start-up log: T6, T6-KVonly, MHA, GQA, MQA
 
     @classmethod
-    def from_model(cls, cfg: ModelConfig, dtype: torch.dtype, block_size: int) -> "FactorCacheSpec":
+    def from_model(cls, cfg, dtype: torch.dtype, block_size: int) -> "FactorCacheSpec":
+        """T6 / T6-KVonly: the four factors, compared with a same-size MHA model (d_model /
+        d_h heads, the paper's comparison). MHA / GQA / MQA: constant A, compared with the
+        same model's MHA twin (n_head kv heads; MHA itself 1x)."""
+        if isinstance(cfg, DenseConfig):
+            return cls(cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.n_kv_head, cfg.n_kv_head,
+                       dtype, block_size, cfg.n_head, const_a=True,
+                       variant=cfg.variant.upper())
         if not isinstance(cfg, ModelConfig):        # a module handed to the engine directly
             raise ConfigError(
                 f"{type(cfg).__name__} ({getattr(cfg, 'variant', '?').upper()}): serving this "
                 f"variant through the paged factor cache is not implemented yet (#17 item 3); "
-                f"the engine serves T6 and T6-KVonly")
+                f"the engine serves T6, T6-KVonly, MHA, GQA and MQA")
         return cls(cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.k_rank, cfg.v_rank, dtype,
-                   block_size, cfg.mha_equivalent_heads)
+                   block_size, cfg.mha_equivalent_heads,
+                   variant="T6-KVonly" if cfg.kv_only else "T6")
 
     @property
     def itemsize(self) -> int:
         return _ITEMSIZE[self.dtype]
 
     @property
+    def elems_per_token_layer(self) -> int:
+        """T6: (R_K + R_V)(h + d_h); constant A: (R_K + R_V) d_h = 2 n_kv d_h."""
+        a = 0 if self.const_a else self.n_head
+        return (self.k_rank + self.v_rank) * (a + self.head_dim)
+
+    @property
     def bytes_per_token(self) -> int:
-        """layers * (R_K + R_V)(h + d_h) * itemsize."""
-        return self.n_layer * (self.k_rank + self.v_rank) * (self.n_head + self.head_dim) * self.itemsize
+        """layers * elems_per_token_layer * itemsize (= cache_bytes_per_token)."""
+        return self.n_layer * self.elems_per_token_layer * self.itemsize
 
     @property
     def mha_bytes_per_token(self) -> int:
-        """What an MHA model of the same size (d_model / d_h heads) caches: 2 h d_h per layer."""
+        """What the MHA model of the comparison (mha_heads heads) caches: 2 h d_h per layer."""
         return self.n_layer * 2 * self.mha_heads * self.head_dim * self.itemsize
 
     @property
@@ -71,31 +94,46 @@ class FactorCacheSpec:
     def num_blocks_for(self, nbytes: int) -> int:
         return nbytes // self.bytes_per_block
 
+    def describe(self) -> str:
+        """What one token's cache holds, e.g. "GQA: keys and values of 2 kv heads"."""
+        if self.const_a:
+            return (f"{self.variant}: keys and values of {self.k_rank} kv head"
+                    f"{'s' if self.k_rank > 1 else ''} for {self.n_head} query heads, "
+                    f"constant A")
+        return f"{self.variant}: factors of ranks k/v {self.k_rank}/{self.v_rank}"
+
     def summary(self, num_blocks: int) -> str:
         tokens = num_blocks * self.block_size
         total = num_blocks * self.bytes_per_block
         mha = total // self.mha_bytes_per_token
-        return (f"factor cache: {self.bytes_per_token} B/token ({self.dtype}), {num_blocks} blocks x "
-                f"{self.block_size} = {tokens} tokens in {total / 2**30:.2f} GiB; a same-size MHA "
-                f"model ({self.mha_heads} heads) would fit {mha} tokens "
+        twin = (f"the same model as MHA ({self.mha_heads} kv heads)" if self.const_a
+                else f"a same-size MHA model ({self.mha_heads} heads)")
+        return (f"factor cache ({self.describe()}): {self.bytes_per_token} B/token "
+                f"({self.dtype}), {num_blocks} blocks x {self.block_size} = {tokens} tokens "
+                f"in {total / 2**30:.2f} GiB; {twin} would fit {mha} tokens "
                 f"({self.mha_bytes_per_token / self.bytes_per_token:.1f}x fewer)")
 
 
 class FactorCache:
-    """The four cache tensors. `layer(i)` gives the per-layer views the kernels take."""
+    """The cache tensors (four; two with constant A, where ak = av = None). `layer(i)` gives
+    the per-layer views the kernels take."""
 
     def __init__(self, spec: FactorCacheSpec, num_blocks: int, device: torch.device | str):
         s, L = spec, spec.n_layer
         self.spec, self.num_blocks = spec, num_blocks
         mk = lambda *shape: torch.zeros((L, num_blocks, s.block_size, *shape), dtype=s.dtype, device=device)
-        self.ak = mk(s.n_head, s.k_rank)
+        self.ak = None if s.const_a else mk(s.n_head, s.k_rank)
         self.bk = mk(s.k_rank, s.head_dim)
-        self.av = mk(s.n_head, s.v_rank)
+        self.av = None if s.const_a else mk(s.n_head, s.v_rank)
         self.bv = mk(s.v_rank, s.head_dim)
 
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def layer(self, i: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None,
+                                     torch.Tensor]:
+        if self.spec.const_a:
+            return None, self.bk[i], None, self.bv[i]
         return self.ak[i], self.bk[i], self.av[i], self.bv[i]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.ak, self.bk, self.av, self.bv))
+        return sum(t.numel() * t.element_size() for t in (self.ak, self.bk, self.av, self.bv)
+                   if t is not None)

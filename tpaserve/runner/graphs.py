@@ -30,7 +30,7 @@ import logging
 import torch
 
 from tpaserve.kernels import prefill
-from tpaserve.models.t6 import T6
+from tpaserve.models.decoder import DecoderLM
 from tpaserve.runner.attention import PagedAttention, StepMetadata
 from tpaserve.runner.factor_cache import FactorCache
 
@@ -89,7 +89,7 @@ class StepBuffers:
 
 
 class StepGraphs:
-    def __init__(self, model: T6, cache: FactorCache, ops, buffers: StepBuffers,
+    def __init__(self, model: DecoderLM, cache: FactorCache, ops, buffers: StepBuffers,
                  workspace: torch.Tensor | None, decode: list[int], tokens: list[int],
                  seqs: list[int], max_model_len: int, device: torch.device,
                  capture: bool = True):

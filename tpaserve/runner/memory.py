@@ -11,7 +11,7 @@ import torch
 from tpaserve.config import CacheConfig
 from tpaserve.engine.contracts import NewRequest, ScheduledRequest, SchedulerOutput
 from tpaserve.exceptions import ConfigError
-from tpaserve.models.t6 import T6
+from tpaserve.models.decoder import DecoderLM
 from tpaserve.runner.factor_cache import FactorCache, FactorCacheSpec
 from tpaserve.runner.sampler import Sampler
 from tpaserve.sampling_params import SamplingParams
@@ -39,7 +39,7 @@ def num_blocks_for(cache: CacheConfig, spec: FactorCacheSpec, device: torch.devi
     return n
 
 
-def profile_cuda_budget(model: T6, spec: FactorCacheSpec, sampler: Sampler,
+def profile_cuda_budget(model: DecoderLM, spec: FactorCacheSpec, sampler: Sampler,
                         device: torch.device, *, utilization: float, max_num_batched_tokens: int,
                         max_num_seqs: int, max_model_len: int, graphs: bool) -> int:
     """Bytes left for the cache: utilization x total, less the weights, the peak of a

@@ -35,7 +35,7 @@ import torch
 
 from tpaserve.engine.contracts import RunnerOutput, ScheduledRequest, SchedulerOutput
 from tpaserve.kernels.prefill import work_list
-from tpaserve.models.t6 import T6
+from tpaserve.models.decoder import DecoderLM
 from tpaserve.runner.attention import PagedAttention, StepMetadata, select_ops
 from tpaserve.runner.factor_cache import FactorCache
 from tpaserve.runner.graphs import StepBuffers, StepGraphs
@@ -113,7 +113,7 @@ def _h2d(dst: torch.Tensor, src: np.ndarray) -> None:
 
 
 class ModelRunner:
-    def __init__(self, model: T6, cache: FactorCache, sampler: Sampler, device: torch.device,
+    def __init__(self, model: DecoderLM, cache: FactorCache, sampler: Sampler, device: torch.device,
                  *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  work_items: int = 0):
         self.model, self.cache, self.sampler, self.device = model, cache, sampler, device
