@@ -8,7 +8,8 @@ bench/structured.py's JSON schema or none, stepped by EngineCore.step().
 Rows: plainK (unconstrained) and jsonK (all constrained), with multi-step rounds of K.
 Each row: ms per core step (a round is one) and per generated token (steady state, after
 warm-up), the core's host and device-wait seconds per step;
---profile ROW then prints a cProfile of as many more steps (top functions by own time).
+--profile ROW then prints a cProfile of as many more steps (top functions by own time);
+--trace ROW the device's idle gaps over --trace-steps more (CUDA only).
 """
 from __future__ import annotations
 
@@ -26,7 +27,42 @@ from tpaserve.frontend.llm_engine import build_engine
 from tpaserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 
-def run_row(args, row: str, profile: bool) -> dict:
+def gaps(core, steps: int, top: int = 12) -> None:
+    """Device idle time over `steps` core steps (torch.profiler's CUDA kernel and memcpy
+    events, merged): busy share, and the longest gaps with the kernel before each."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            core.step()
+        torch.cuda.synchronize()
+    ev = sorted((e for e in prof.events() if e.device_type.name == "CUDA"),
+                key=lambda e: e.time_range.start)
+    if not ev:
+        print("no device events")
+        return
+    busy, holes = 0.0, []
+    end, prev = ev[0].time_range.start, ev[0].name
+    for e in ev:
+        s, t = e.time_range.start, e.time_range.end
+        if s > end:
+            holes.append((s - end, prev))
+        busy += max(0, t - max(s, end))
+        if t > end:
+            end, prev = t, e.name
+    span = end - ev[0].time_range.start
+    print(f"device busy {busy / span:.1%} of {span / 1e3:.1f} ms over {steps} core steps; "
+          f"{len(holes)} gaps, {sum(h for h, _ in holes) / 1e3:.2f} ms idle")
+    by: dict[str, list[float]] = {}
+    for h, name in holes:
+        by.setdefault(name[:60], []).append(h)
+    for name, hs in sorted(by.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        print(f"  after {name:<60} {len(hs):>5} gaps, {sum(hs) / 1e3:8.2f} ms, "
+              f"max {max(hs):8.1f} us")
+
+
+def run_row(args, row: str, profile: bool, trace: bool = False) -> dict:
     constrained, k = row.startswith("json"), int(row.lstrip("plainjson"))
     eng = build_engine(args.model, max_num_seqs=max(args.batch, 1),
                        num_scheduler_steps=k, max_model_len=args.max_model_len,
@@ -65,6 +101,8 @@ def run_row(args, row: str, profile: bool) -> dict:
             core.step()
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+    if trace:
+        gaps(core, args.trace_steps)
     for rid in list(core.scheduler.requests):
         eng.abort_request(rid)
     core.close()
@@ -85,10 +123,13 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--profile", default="", help="comma-separated rows to cProfile")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--trace", default="", help="comma-separated rows: device idle gaps")
+    ap.add_argument("--trace-steps", type=int, default=24)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     prof = set(filter(None, args.profile.split(",")))
-    rows = [run_row(args, r, r in prof) for r in args.rows.split(",")]
+    trace = set(filter(None, args.trace.split(",")))
+    rows = [run_row(args, r, r in prof, r in trace) for r in args.rows.split(",")]
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows
