@@ -17,7 +17,7 @@
 
     PYTHONPATH=. python3 bench/engine_step.py [--quick] [--no-correctness]
         [--rows base:1:graphs,fused:1:graphs,fused:16:graphs8] [--max-model-len 33024]
-        [--mixed [--host-profile]]
+        [--mixed [--host-profile]] [--no-skinny-gemm]
 Row mode graphsK: CUDA graphs with multi-step rounds of K decode steps (time per token).
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ import torch
 
 from tpaserve.config import ModelConfig
 from tpaserve.frontend.llm_engine import build_engine
+from tpaserve.kernels import linear as linear_kernels
 from tpaserve.models import T6
 from tpaserve.runner.attention import TorchOps
 from tpaserve.sampling_params import SamplingParams
@@ -243,9 +244,13 @@ def main() -> None:
                     help="also time mixed steps: 2 and 4 new 512-token prompts among 64 decoding")
     ap.add_argument("--host-profile", action="store_true",
                     help="with --mixed: cProfile one mixed step (top functions by own time)")
+    ap.add_argument("--no-skinny-gemm", action="store_true",
+                    help="route every per-layer GEMM to cuBLAS (the A/B of kernels/linear.py)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     MEDIUM["max_position"] = args.max_model_len
+    if args.no_skinny_gemm:
+        linear_kernels.ENABLED = False
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
     if not args.no_correctness:
         res["correctness"] = check_correctness(args.quick)

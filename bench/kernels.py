@@ -1,19 +1,14 @@
 """Decode kernel benchmark on the GPU (run on the device machine, PYTHONPATH=.).
 
-    python3 bench/kernels.py --check --sweep-targeted --splits --table [--quick]
+    python3 bench/kernels.py --check --table [--quick]       (the table in the docs)
 
 --check   bf16 correctness at real sizes against reference.py (relative-norm error)
---sweep-targeted   tile configs (head block, BLOCK_N, warps, stages, block size) at
-          64 x 32K, both shapes, with registers/spills; the best is used below
-          (--sweep, --sweep-small-warps: the wider sweeps of runs 1-2)
+--sweep   tile configs (head block, BLOCK_N, warps, stages) at 64 x 32K, both shapes, with
+          registers/spills; the best is used by --splits / --table in the same run
 --splits  split-K sweep for the heuristic in decode.py
 --launch  batch 1 x 4K launch cost only (also part of --table)
---latency-grid  v6: batch 1 x 512 / 4K in CUDA graphs over merge, split and tile
-          variants (graph1: one call a graph; x20: 20 calls in one graph, per call)
---bw-variants   v6: T6-medium batch 16/64 x 32K/128K variants against the v5 config
 --midbatch-sweep  batch 16/64 x 512/1K: tiles x grid splits x min_split inside CUDA graphs
           (the short contexts a serving sweep decodes at; for num_splits_for/min_split_for)
---ncu-target  launches for `ncu -k regex:_decode_kernel` (docs/kernel_notes.md)
 --table   batch {1,16,64,256} x context {1K,4K,32K,128K}, T6-medium (h 47, d_h 64, R 2)
           and the paper's shape (h 32, d_h 64, R 1), next to PyTorch SDPA decode for MHA
           (16 heads, d_h 64) and GQA (2 KV heads); writes kernels.json and kernels.png
@@ -126,16 +121,13 @@ def check():
     return all(r[3] for r in rows)
 
 
-def sweep(small_warps: bool = False):
-    """Config sweep at the points the targets name; prints the best few per point."""
+def sweep():
+    """Config sweep at the points the targets name; prints the best few per point. (The
+    experiment sweeps of v4-v6 (1-2 warps, targeted tiles, batch-1 latency grid, block-table
+    prefetch variants, the ncu target) left this script once their results were recorded in
+    docs/kernel_notes.md; git history has them.)"""
     points = [("t6-medium", 64, 32768), ("paper", 64, 32768)]
     cfgs = []
-    if small_warps:   # 1-2 warps: the row reductions of the softmax stay inside one warp
-        for hb, bn, w in ((16, 32, 1), (16, 64, 1), (16, 128, 1), (16, 32, 2), (16, 64, 2),
-                          (16, 128, 2), (32, 32, 1), (32, 64, 1), (32, 64, 2), (32, 128, 2)):
-            for st in (2, 3, 4):
-                cfgs.append(dec.DecodeConfig(hb, bn, w, st))
-        return _sweep_points(points, cfgs)
     for hb, bns in ((16, (32, 64, 128)), (32, (32, 64, 128)), (64, (32, 64))):
         for bn in bns:
             for st in ((2, 3) if hb == 64 else (2, 3, 4)):
@@ -170,27 +162,6 @@ def _regs_of(before):
     return ",".join(f"{k.n_regs}r/{k.n_spills}s" for k in new) or "?"
 
 
-def targeted_sweep():
-    """Candidates after the occupancy finding (ncu: 246 registers -> 12.5% occupancy):
-    tiles inside one cache block (block_size % BLOCK_N == 0) take the cheap-pointer path."""
-    t6 = {16: [(16, 16, 2, 3), (16, 16, 2, 4), (16, 16, 2, 5), (16, 16, 2, 6), (16, 16, 1, 5),
-               (32, 16, 2, 4), (16, 16, 4, 4)],
-          32: [(16, 16, 2, 4), (16, 32, 2, 4)]}
-    paper = {16: [(32, 16, 1, 5), (32, 16, 2, 4), (16, 16, 1, 4)],
-             32: [(32, 32, 1, 3), (32, 32, 1, 4), (32, 32, 1, 5), (32, 16, 1, 5)]}
-    best = {}
-    for name, cand in (("t6-medium", t6), ("paper", paper)):
-        res = []
-        for bs, cfgs in cand.items():
-            r = _sweep_points([(name, 64, 32768)], [dec.DecodeConfig(*c) for c in cfgs], bs=bs,
-                              keep_all=True)
-            res += [(t, c, bs) for t, c in r]
-        res.sort(key=lambda x: x[0])
-        best[(name, 64, 32768)] = (res[0][1], res[0][2])
-        log(f"best {name}: {res[0][1]} block_size={res[0][2]} {res[0][0] * 1e3:.0f} us")
-    return best
-
-
 def _sweep_points(points, cfgs, bs=BS, keep_all=False):
     best = {}
     for name, B, L in points:
@@ -222,15 +193,6 @@ def _sweep_points(points, cfgs, bs=BS, keep_all=False):
         if keep_all:
             return [(t, c) for t, c, _, _ in res]
     return best
-
-
-def ncu_target():
-    s = SHAPES["t6-medium"]
-    p = Paged(64, 32768, s["h"], s["d"], s["rk"], s["rv"])
-    for c in (dec.DecodeConfig(16, 32, 4, 2), dec.DecodeConfig(16, 32, 1, 2)):
-        for _ in range(2):
-            p.run(config=c, num_splits=3)
-    torch.cuda.synchronize()
 
 
 def split_sweep(configs):
@@ -340,61 +302,6 @@ def _graph_us(fn, calls: int, n: int = 300) -> float:
     return e0.elapsed_time(e1) * 1e3 / n / calls
 
 
-def _rel(out, want):
-    return ((out.float().cpu().double() - want.double()).norm() / want.double().norm()).item()
-
-
-def latency_grid():
-    """v6: batch 1 at 512 and 4K in CUDA graphs over merge step width, block-table
-    prefetch, splits, min_split and warps. (The v6 runs also timed a memset-before-every-
-    launch switch and a no-merge probe; their results are in docs/kernel_notes.md and the
-    switches are gone from decode.py.)"""
-    s = SHAPES["t6-medium"]
-    C = dec.DecodeConfig
-    base = dict(head_block=16, block_n=16, num_warps=2, num_stages=3)
-    V = [  # name, config, num_splits
-        ("sb2 S32", C(**base), 32),
-        ("bt16 sb2 S32", C(**base, bt_prefetch=16), 32),
-        ("bt16 sb4 S32", C(**base, bt_prefetch=16, merge_sb=4), 32),
-        ("bt16 sb8 S32", C(**base, bt_prefetch=16, merge_sb=8), 32),
-        ("bt16 sb16 S32", C(**base, bt_prefetch=16, merge_sb=16), 32),
-        ("bt16 sb8 S16", C(**base, bt_prefetch=16, merge_sb=8), 16),
-        ("bt16 sb8 S64", C(**base, bt_prefetch=16, merge_sb=8), 64),
-        ("bt16 sb8 S32 ms32", C(**base, bt_prefetch=16, merge_sb=8, min_split=32), 32),
-        ("4w bt16 sb8 S32", C(16, 16, 4, 3, bt_prefetch=16, merge_sb=8), 32),
-        ("4w bt16 sb16 S32", C(16, 16, 4, 3, bt_prefetch=16, merge_sb=16), 32),
-        ("1w bt16 sb8 S32", C(16, 16, 1, 3, bt_prefetch=16, merge_sb=8), 32),
-    ]
-    rows = []
-    for L in (512, 4096):
-        p = Paged(1, L, s["h"], s["d"], s["rk"], s["rv"])
-        want = paged_attention_ref(*[t.cpu() for t in (p.q, *p.caches(), p.tables, p.seq_lens,
-                                                       p.qsl)])
-        ws = dec.make_workspace(1, s["h"], s["d"])
-        for name, cfg, S in V:
-            fn = lambda: p.run(config=cfg, num_splits=S, workspace=ws)      # noqa: E731
-            try:
-                out = p.q.new_full(p.q.shape, float("nan"))
-                for _ in range(3):       # repeated calls: self-reset counters stay valid
-                    out = p.run(config=cfg, num_splits=S, workspace=ws, out=out)
-                err = _rel(out, want)
-                before = _compiled()
-                fn()
-                regs = _regs_of(before)
-                t1 = _graph_us(fn, 1)
-                t20 = _graph_us(fn, 20, n=100)
-            except Exception as e:
-                log(f"  {name}: {type(e).__name__}: {str(e)[:200]}")
-                continue
-            rows.append(dict(L=L, name=name, splits=S, graph1_us=t1, graph20_us=t20, err=err,
-                             regs=regs))
-            log(f"1 x {L:5d}  {name:32s} graph1 {t1:6.1f} us  in-graph x20 {t20:6.1f} us/call"
-                f"  err {err:.1e}  {regs}")
-        del p
-        torch.cuda.empty_cache()
-    return rows
-
-
 def midbatch_sweep(copy_gbs):
     """Batch 16 / 64 at the contexts a serving sweep sees (512-1K): tiles x splits x
     min_split inside CUDA graphs (20 calls a graph, us per call), for decode_config and
@@ -432,36 +339,6 @@ def midbatch_sweep(copy_gbs):
                              best=[dict(us=u, config=n, splits=S, min_split=m) for u, n, S, m in pts[:8]]))
             del p
             torch.cuda.empty_cache()
-    return rows
-
-
-def bandwidth_variants(copy_gbs):
-    """v6: T6-medium at batch >= 16 and long contexts: block-table prefetch against v5.
-    (Run 9 measured one program for all 47 heads here: 27-44% of copy, dropped.)"""
-    s = SHAPES["t6-medium"]
-    C = dec.DecodeConfig
-    V = [("v5 (16,16,1w,5st)", C(16, 16, 1, 5), None),
-         ("1w5st bt16", C(16, 16, 1, 5, bt_prefetch=16), None),
-         ("1w4st bt16", C(16, 16, 1, 4, bt_prefetch=16), None),
-         ("2w4st bt16", C(16, 16, 2, 4, bt_prefetch=16), None)]
-    rows = []
-    for B, L in ((64, 32768), (16, 32768), (64, 131072), (16, 131072)):
-        p = Paged(B, L, s["h"], s["d"], s["rk"], s["rv"])
-        for name, cfg, S in V:
-            S = S or dec.num_splits_for(B, s["h"], L, cfg, torch.device("cuda"))
-            try:
-                before = _compiled()
-                p.run(config=cfg, num_splits=S)
-                regs = _regs_of(before)
-                t = do_bench(lambda: p.run(config=cfg, num_splits=S), return_mode="median")
-            except Exception as e:
-                log(f"  {name}: {type(e).__name__}: {str(e)[:200]}")
-                continue
-            pct = p.bytes / t / 1e6 / copy_gbs * 100
-            rows.append(dict(B=B, L=L, name=name, splits=S, us=t * 1e3, pct=pct, regs=regs))
-            log(f"{B:3d} x {L:6d}  {name:22s} S={S:3d} {t * 1e3:8.1f} us  {pct:5.1f}% copy  {regs}")
-        del p
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -535,19 +412,11 @@ def main():
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--launch", action="store_true", help="batch 1 x 4K launch cost only")
-    ap.add_argument("--sweep-small-warps", action="store_true")
-    ap.add_argument("--sweep-targeted", action="store_true")
-    ap.add_argument("--ncu-target", action="store_true")
-    ap.add_argument("--latency-grid", action="store_true", help="v6 batch-1 graph grid")
-    ap.add_argument("--bw-variants", action="store_true", help="v6 batch >= 16 variants")
     ap.add_argument("--midbatch-sweep", action="store_true",
                     help="batch 16/64 x 512/1K: tiles x splits x min_split in graphs")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
-    if a.ncu_target:
-        ncu_target()
-        return
     log(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                   triton=triton.__version__, command=" ".join(sys.argv))
@@ -558,17 +427,13 @@ def main():
         log("CHECK FAILED")
         sys.exit(1)
     configs = {}
-    if a.sweep or a.sweep_small_warps or a.sweep_targeted:
-        best = targeted_sweep() if a.sweep_targeted else sweep(a.sweep_small_warps)
+    if a.sweep:
+        best = sweep()
         for (name, B, L), c in best.items():
             if c is not None and name not in configs:
                 configs[name] = c if isinstance(c, tuple) else (c, BS)
         result["sweep_best"] = {n: dict(vars(c), block_size=bs) for n, (c, bs) in configs.items()}
         log(f"configs used below: {configs}")
-    if a.latency_grid:
-        result["latency_grid"] = latency_grid()
-    if a.bw_variants:
-        result["bw_variants"] = bandwidth_variants(copy_gbs)
     if a.midbatch_sweep:
         result["midbatch_sweep"] = midbatch_sweep(copy_gbs)
     if a.splits:

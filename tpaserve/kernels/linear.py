@@ -28,7 +28,6 @@ docs/kernel_notes.md, "Skinny GEMM").
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -130,8 +129,9 @@ class SkinnyConfig:
 MAX_M = 16
 MAX_N = 4096
 MIN_WEIGHT = 1 << 18
-# TPASERVE_SKINNY_GEMM=0 turns the routing off (A/B runs of bench/engine_step.py).
-ENABLED = os.environ.get("TPASERVE_SKINNY_GEMM", "1") != "0"
+# False routes every call to cuBLAS: the A/B of `bench/engine_step.py --no-skinny-gemm`,
+# which sets it in-process before any graph is captured (use_skinny reads it per call).
+ENABLED = True
 
 
 def use_skinny(M: int, N: int, K: int) -> bool:
