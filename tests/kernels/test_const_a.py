@@ -10,7 +10,12 @@ import torch
 import tpaserve.kernels.reference as ref
 from tests.kernels.paged_case import TOL, make_case, rel_err
 from tpaserve.kernels import _validate
-from tpaserve.kernels.decode import DecodeConfig, decode_attention, kv_heads_per_block
+from tpaserve.kernels.decode import (
+    DecodeConfig,
+    decode_attention,
+    kv_heads_per_block,
+    programs_per_sequence,
+)
 from tpaserve.kernels.ops import paged_attention
 from tpaserve.kernels.prefill import prefill_attention
 from tpaserve.kernels.store import store_factors
@@ -51,16 +56,27 @@ def test_kv_heads_per_block():
     assert kv_heads_per_block(16, 1, 16) == 16 and kv_heads_per_block(30, 15, 16) == 2
 
 
+def test_programs_per_sequence():
+    blocks, kv = DecodeConfig(16, 16, 4, 1), DecodeConfig(16, 16, 4, 1, kv_grid=True)
+    assert [programs_per_sequence(h, h // n, blocks) for h, n, _ in SHAPES] == [1, 1, 1, 2, 3, 3]
+    # kv grid: a program per kv head and 16-head part of its group, never more than h
+    assert [programs_per_sequence(h, h // n, kv) for h, n, _ in SHAPES] == [6, 2, 1, 5, 16, 3]
+    assert programs_per_sequence(30, 15, kv) == 2 and programs_per_sequence(32, 4, kv) == 8
+
+
+@pytest.mark.parametrize("kv_grid", [False, True])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("bs", [1, 16])
 @pytest.mark.parametrize("h,n_kv,d_h", SHAPES)
-def test_decode_matches_reference(h, n_kv, d_h, bs, splits):
+def test_decode_matches_reference(h, n_kv, d_h, bs, splits, kv_grid):
     lens = [1, 15, 16, 17, 50]
     c = make_case(lens, [1] * 5, h, d_h, n_kv, n_kv, bs, torch.float32, DEV, seed=h * bs + n_kv,
                   const_a=True)
     out = torch.full_like(c.q, float("nan"))
+    cfg = DecodeConfig(16, 16, 4, 1, min_split=16, kv_grid=kv_grid) if DEV == "cpu" else \
+        DecodeConfig(16, 16, 4, 2, kv_grid=kv_grid)
     out = decode_attention(c.q, *c.caches(), *c.metadata(), c.max_seq_len, num_splits=splits,
-                           out=out)
+                           out=out, config=cfg)
     err = rel_err(out, c.reference())
     assert err < TOL[torch.float32], f"relative error {err:.2e}"
 
@@ -136,15 +152,17 @@ GPU_SHAPES = {"mha16x64": (16, 16, 64), "gqa4": (32, 8, 64), "gqa15": (30, 2, 64
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kv_grid", [None, True])
 @pytest.mark.parametrize("splits", [None, 1, 16])
 @pytest.mark.parametrize("bs", [16, 32])
 @pytest.mark.parametrize("shape", list(GPU_SHAPES))
-def test_decode_real_sizes_bf16(shape, bs, splits):
+def test_decode_real_sizes_bf16(shape, bs, splits, kv_grid):
     h, n_kv, d_h = GPU_SHAPES[shape]
     c = make_case([1, bs - 1, bs + 1, 4096, 32768, 1000], [1] * 6, h, d_h, n_kv, n_kv, bs,
                   torch.bfloat16, "cuda", seed=11, const_a=True)
+    cfg = DecodeConfig(16, 16, 1, 5, kv_grid=True) if kv_grid else None
     out = decode_attention(c.q, *c.caches(), *c.metadata(), c.max_seq_len, num_splits=splits,
-                           out=torch.full_like(c.q, float("nan")))
+                           out=torch.full_like(c.q, float("nan")), config=cfg)
     err = rel_err(out, c.reference())
     assert err < TOL[torch.bfloat16], f"relative error {err:.2e}"
 

@@ -28,6 +28,10 @@ heads and query head j reads kv head j // GROUP, so a head block does one produc
 head it reads (KV_PB of them), each query row keeping its own kv head's logits:
     S (HB, N) = sum_g [kvh == g] q @ B_K[:, g]^T        acc += ([kvh == g] p) @ B_V[:, g]
 with no A loads and no 1/R scaling (docs/kernel_notes.md, "The family in the factor cache").
+With DecodeConfig.kv_grid the grid's first axis is (kv head, block of its group's query
+heads) instead: a program's rows are query heads of one kv head (padded to HB, the padding
+masked like heads past h), so KV_PB = 1 and there is no selection (FlashDecoding's GQA
+packing; unmeasured until a device run, so not the default yet).
 
 Launchers never read device values: sizes come from the caller as Python ints, and the
 split-K scratch can be passed in preallocated, so a decode step can be captured in a
@@ -35,6 +39,7 @@ CUDA graph.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import weakref
@@ -183,9 +188,9 @@ def _tile(q, m_i, l_i, acc, start, hi, blk, ak_ptr, bk_ptr, av_ptr, bv_ptr, bt_r
 
 
 @triton.jit
-def _write_out(out_ptr, row, stride_ot, stride_oh, offs_h, offs_d, acc, l_i, out_scale,
-               H: tl.constexpr, D: tl.constexpr):
-    mask = (offs_h < H)[:, None] & (offs_d < D)[None, :]
+def _write_out(out_ptr, row, stride_ot, stride_oh, offs_h, offs_d, h_ok, acc, l_i, out_scale,
+               D: tl.constexpr):
+    mask = h_ok[:, None] & (offs_d < D)[None, :]
     inv_l = out_scale / tl.where(l_i > 0, l_i, 1.0)        # l = 0: no context, acc = 0
     tl.store(out_ptr + row * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
              (acc * inv_l[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
@@ -207,6 +212,7 @@ def _decode_kernel(
     CONST_A: tl.constexpr,        # MHA / GQA / MQA: no A caches (ak/av pointers unused)
     GROUP: tl.constexpr,          # CONST_A: query heads per kv head (R_K = R_V = kv heads)
     KV_PB: tl.constexpr,          # CONST_A: kv heads one head block reads at most
+    KV_GRID: tl.constexpr,        # CONST_A: program = (kv head, block of its group's heads)
 ):
     hb = tl.program_id(0)
     sp = tl.program_id(1)
@@ -227,9 +233,18 @@ def _decode_kernel(
     n_used = tl.minimum(num_splits, tl.maximum((L + split_len - 1) // split_len, 1))
 
     H_EVEN: tl.constexpr = H % HB == 0
-    offs_h = hb * HB + tl.arange(0, HB)           # (HB,)
+    if KV_GRID:
+        # rows: query heads sub * HB ... of kv head kvh's group; past the group: masked
+        SUB: tl.constexpr = (GROUP + HB - 1) // HB
+        in_group = (hb % SUB) * HB + tl.arange(0, HB)                  # (HB,)
+        offs_h = (hb // SUB) * GROUP + in_group
+        h_ok = in_group < GROUP
+        kv0 = hb // SUB
+    else:
+        offs_h = hb * HB + tl.arange(0, HB)       # (HB,)
+        h_ok = offs_h < H
+        kv0 = (hb * HB) // GROUP                  # CONST_A: the block's first kv head
     offs_d = tl.arange(0, D_PAD)                  # (D_PAD,)
-    h_ok = offs_h < H
     d_ok = offs_d < D
     q_mask = h_ok[:, None] & d_ok[None, :]
     q = tl.load(q_ptr + row * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :],
@@ -239,7 +254,6 @@ def _decode_kernel(
     l_i = tl.zeros([HB], tl.float32)
     acc = tl.zeros([HB, D_PAD], tl.float32)
     bt_row = bt_ptr + b * stride_bt
-    kv0 = (hb * HB) // GROUP                      # CONST_A: the block's first kv head
     if (BS % BLOCK_N == 0) and (BT_PF > 0):
         # Block ids of BT_PF tiles in one vector load, then picked per tile from registers:
         # the tile addresses no longer wait on a scalar block-table load every iteration.
@@ -269,7 +283,8 @@ def _decode_kernel(
     else:
         direct: tl.constexpr = True
     if direct:
-        _write_out(out_ptr, row, stride_ot, stride_oh, offs_h, offs_d, acc, l_i, out_scale, H, D)
+        _write_out(out_ptr, row, stride_ot, stride_oh, offs_h, offs_d, h_ok, acc, l_i,
+                   out_scale, D)
     else:
         ws_row = (b * num_splits + sp) * H + offs_h                   # (HB,)
         tl.store(ws_ptr + ws_row[:, None] * D + offs_d[None, :], acc, mask=q_mask)
@@ -322,7 +337,8 @@ def _merge_splits(ws_ptr, out_ptr, row, b, stride_ot, stride_oh, n_used, num_spl
         acc = acc * c_run[:, None] + tl.sum(a_s * c_s[:, :, None], axis=0)
         l_run = l_run * c_run + tl.sum(l_s * c_s, axis=0)
         m_run = m_new
-    _write_out(out_ptr, row, stride_ot, stride_oh, offs_h, offs_d, acc, l_run, out_scale, H, D)
+    _write_out(out_ptr, row, stride_ot, stride_oh, offs_h, offs_d, h_ok, acc, l_run, out_scale,
+               D)
 
 
 @dataclass(frozen=True)
@@ -335,6 +351,7 @@ class DecodeConfig:
     min_split: int = 64  # positions a split covers at least (below: its fixed cost dominates)
     merge_sb: int = 0     # splits per merge step; 0: ~32 fp32 values a thread
     bt_prefetch: int = 0  # > 0: block ids of this many tiles per vector load (aligned tiles)
+    kv_grid: bool = False  # constant A: one program per (kv head, head block of its group)
 
 
 # Interpreter (CPU tests): smallest legal tiles and splits, so short sequences still span
@@ -425,14 +442,23 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def programs_per_sequence(h: int, group: int, config: DecodeConfig) -> int:
+    """Programs of one (sequence, split): blocks of head_block heads, or with kv_grid (a
+    constant-A cache, group = h / n_kv) one per kv head and head_block-sized part of its
+    group (<= h, so the workspace's B * h counters always suffice)."""
+    if config.kv_grid:
+        return (h // group) * -(-group // config.head_block)
+    return -(-h // config.head_block)
+
+
 def num_splits_for(batch: int, h: int, max_seq_len: int, config: DecodeConfig,
-                   device: torch.device) -> int:
+                   device: torch.device, group: int = 1) -> int:
     """Splits per sequence (the grid) from host-side sizes only (no device reads). Never
     more than a max_seq_len sequence can use (min_split_for): a program with nothing to do
     still takes a slot (64 x 512: 11 grid splits with 2 used 36.5 us, 2 grid splits 20.8)."""
     if device.type != "cuda":
         return 1
-    n_hb = -(-h // config.head_block)
+    n_hb = programs_per_sequence(h, group, config)
     target = _TARGET_PROGRAMS_PER_SM * _sm_count(device.index or 0)
     s = -(-target // (batch * n_hb))
     s = min(s, MAX_SPLITS, max(1, max_seq_len // _MIN_SPLIT_TOKENS),
@@ -509,8 +535,11 @@ def decode_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Te
                             bk_cache.dtype, bk_cache.device)
     out = v.output(out, q)
     cfg = config or decode_config(h, d_h, r_k, r_v, bs, batch, const_a)
+    group = h // r_k if const_a else 1
+    if cfg.kv_grid and not const_a:
+        cfg = dataclasses.replace(cfg, kv_grid=False)     # T6: A varies per token and head
     if num_splits is None:
-        num_splits = num_splits_for(batch, h, max_seq_len, cfg, q.device)
+        num_splits = num_splits_for(batch, h, max_seq_len, cfg, q.device, group)
     if not isinstance(num_splits, int) or num_splits < 1:
         raise v.KernelInputError(f"num_splits must be a positive int, got {num_splits!r}")
     need = workspace_numel(batch, h, d_h, num_splits)
@@ -530,7 +559,7 @@ def decode_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Te
         return out
     scale = 1.0 / math.sqrt(d_h) if scale is None else float(scale)
     hb = cfg.head_block
-    n_prog = triton.cdiv(h, hb)
+    n_prog = programs_per_sequence(h, group, cfg)
     d_pad = v.next_pow2(d_h, 16)
     ml_offset = batch * num_splits * h * d_h
     cnt_offset = ws.numel() - batch * n_prog
@@ -538,7 +567,6 @@ def decode_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Te
         _Counters.prepare(ws, cnt_offset, ml_offset + batch * num_splits * h * 2)
     grid = (n_prog, num_splits, batch)
     merge_sb = cfg.merge_sb or max(1, 32 * 32 * cfg.num_warps // (hb * d_pad))
-    group = h // r_k if const_a else 1
     if const_a:            # one-hot A of weight 1: no 1/R in the logits or the output
         ak_cache = av_cache = bk_cache                  # stand-ins, never read
         qk_scale, out_scale = scale * LOG2E, 1.0
@@ -553,7 +581,8 @@ def decode_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Te
         RK_PAD=v.next_pow2(r_k), RV_PAD=v.next_pow2(r_v), BLOCK_N=cfg.block_n,
         SPLIT=num_splits > 1, MERGE_SB=merge_sb,
         BT_PF=cfg.bt_prefetch, CONST_A=const_a, GROUP=group,
-        KV_PB=kv_heads_per_block(h, group, hb) if const_a else 1,
+        KV_PB=kv_heads_per_block(h, group, hb) if const_a and not cfg.kv_grid else 1,
+        KV_GRID=cfg.kv_grid,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     return out
