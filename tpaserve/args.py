@@ -111,7 +111,7 @@ class EngineArgs:
         "of bfloat16 per token (twice the sequences), logprobs within ~0.01-0.1 nats of the "
         "bfloat16 cache (docs/kernel_notes.md); needs an sm_89+ GPU (Ada, Hopper) or the CPU; "
         "not for MHA / GQA / MQA models", group="factor cache",
-        choices=["auto", "bfloat16", "bf16", "float16", "fp8"]),
+        choices=["auto", "bfloat16", "bf16", "float16", "fp8"])
     num_blocks: int | None = _arg(
         None, "cache blocks (overrides --cache-memory and --gpu-memory-utilization)",
         group="factor cache", parse=_int, metavar="N")
