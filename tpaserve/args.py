@@ -108,8 +108,8 @@ class EngineArgs:
                            metavar="TOKENS")
     cache_dtype: str = _arg(
         "auto", "factor-cache dtype. auto: the model's (--dtype); fp8: e4m3, half the bytes "
-        "of bfloat16 per token (twice the sequences), logprobs within ~0.01-0.1 nats of the "
-        "bfloat16 cache (docs/kernel_notes.md); needs an sm_89+ GPU (Ada, Hopper) or the CPU; "
+        "of bfloat16 per token (twice the sequences) at a mean |delta logprob| of ~0.06 nats "
+        "against it on t6-demo (docs/kernel_notes.md); needs an sm_89+ GPU (Ada, Hopper) or the CPU; "
         "not for MHA / GQA / MQA models", group="factor cache",
         choices=["auto", "bfloat16", "bf16", "float16", "fp8"])
     num_blocks: int | None = _arg(
