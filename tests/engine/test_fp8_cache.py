@@ -32,7 +32,7 @@ def _engine(model, **kw):
 
 def _run(eng, prompts, max_tokens=6):
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
-                            logprobs=0, prompt_logprobs=0)
+                            logprobs=3, prompt_logprobs=0)
     for i, p in enumerate(prompts):
         eng.add_request(str(i), p, params)
     done = {}
@@ -105,9 +105,17 @@ def test_fp8_engine_triton_kernels_equal_reference_ops():
     eng.core.runner.ops = triton_ops
     got = _run(eng, prompts)
     for a, b in zip(ref_out, got):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        lp_a = [lp for lp, _ in a.outputs[0].logprobs] + [x[0] for x in a.prompt_logprobs[1:]]
-        lp_b = [lp for lp, _ in b.outputs[0].logprobs] + [x[0] for x in b.prompt_logprobs[1:]]
+        ta, tb = a.outputs[0].token_ids, b.outputs[0].token_ids
+        n = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), len(ta))
+        if n < len(ta):
+            # a near tie the fp16 products may flip: the reference ranks the kernel's token
+            # within 2e-2 nats of its own there (then the two continuations differ)
+            top = dict(a.outputs[0].logprobs[n][1])
+            assert tb[n] in top and top[ta[n]] - top[tb[n]] < 2e-2, (n, ta, tb, top)
         # the decode kernel's products are fp16 (q and p * A_V rounded, ~5e-4 relative),
         # the reference's fp32; std-0.3 weights make logits of tens: ~1e-2 nats at most
+        lp_a = [lp for lp, _ in a.outputs[0].logprobs[:n]]
+        lp_a += [x[0] for x in a.prompt_logprobs[1:]]
+        lp_b = [lp for lp, _ in b.outputs[0].logprobs[:n]]
+        lp_b += [x[0] for x in b.prompt_logprobs[1:]]
         torch.testing.assert_close(torch.tensor(lp_b), torch.tensor(lp_a), atol=2e-2, rtol=0)
