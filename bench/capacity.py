@@ -29,6 +29,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import torch
 
 from bench.presets import PRESETS, model_config
 from bench.serve import Progress, normalize_base_url, run_load
@@ -206,7 +207,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help=f"preset ({', '.join(PRESETS)}), checkpoint dir or config.json")
     ap.add_argument("--cache-bytes", type=parse_bytes, default=parse_bytes("80GiB"))
     ap.add_argument("--contexts", default="1024,4096,16384,32768,131072")
-    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES) + ["fp8"],
+                    help="the cache's dtype (fp8: --cache-dtype fp8, e4m3, 1 byte a number; "
+                         "MHA / GQA then counted at 1 byte too)")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--gqa-kv-heads", default="4,2")
     ap.add_argument("--json", metavar="OUT")
@@ -227,7 +230,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = model_config(args.model)
-    spec = FactorCacheSpec.from_model(cfg, DTYPES[args.dtype], args.block_size)
+    dtype = torch.float8_e4m3fn if args.dtype == "fp8" else DTYPES[args.dtype]
+    spec = FactorCacheSpec.from_model(cfg, dtype, args.block_size)
     models = layouts(spec, [int(g) for g in args.gqa_kv_heads.split(",") if g])
     contexts = [int(c) for c in args.contexts.split(",")]
     rows = capacity_table(models, args.cache_bytes, contexts)

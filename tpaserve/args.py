@@ -106,6 +106,12 @@ class EngineArgs:
     # ---- factor cache
     block_size: int = _arg(16, "tokens per cache block", group="factor cache", parse=_int,
                            metavar="TOKENS")
+    cache_dtype: str = _arg(
+        "auto", "factor-cache dtype. auto: the model's (--dtype); fp8: e4m3, half the bytes "
+        "of bfloat16 per token (twice the sequences) at a mean |delta logprob| of ~0.06 nats "
+        "against it on t6-demo (docs/kernel_notes.md); needs an sm_89+ GPU (Ada, Hopper) or the CPU; "
+        "not for MHA / GQA / MQA models", group="factor cache",
+        choices=["auto", "bfloat16", "bf16", "float16", "fp8"])
     num_blocks: int | None = _arg(
         None, "cache blocks (overrides --cache-memory and --gpu-memory-utilization)",
         group="factor cache", parse=_int, metavar="N")
@@ -182,7 +188,8 @@ class EngineArgs:
         cache = CacheConfig(block_size=self.block_size, num_blocks=self.num_blocks,
                             cache_memory=self.cache_memory,
                             gpu_memory_utilization=self.gpu_memory_utilization,
-                            enable_prefix_caching=self.enable_prefix_caching)
+                            enable_prefix_caching=self.enable_prefix_caching,
+                            cache_dtype=self.cache_dtype)
         scheduler = SchedulerConfig(max_num_batched_tokens=self.max_num_batched_tokens,
                                     max_num_seqs=self.max_num_seqs,
                                     max_model_len=self.max_model_len,

@@ -84,6 +84,12 @@ class ModelConfig:
         return 2 * self.mha_equivalent_heads * self.head_dim
 
 
+# --cache-dtype: auto = the model's dtype; fp8 = e4m3 with the scales folded into the
+# factors (docs/kernel_notes.md, "fp8 factor cache"). Resolved where torch runs
+# (core/engine_core.resolve_cache_dtype), which also refuses what the device cannot do.
+CACHE_DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp8")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """How the paged factor cache is sized. Exactly one of num_blocks / cache_memory /
@@ -94,8 +100,12 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     cpu_default_memory: int = 256 * 2**20      # CPU with nothing given: 256 MiB
+    cache_dtype: str = "auto"                  # CACHE_DTYPES
 
     def __post_init__(self) -> None:
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ConfigError(f"--cache-dtype must be one of {', '.join(CACHE_DTYPES)}, got "
+                              f"{self.cache_dtype!r}")
         if self.block_size < 1 or self.block_size > 1024:
             raise ConfigError(f"--block-size must be in [1, 1024], got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:

@@ -62,7 +62,7 @@ from tpaserve.exceptions import (
     SamplingParamsError,
 )
 from tpaserve.models.decoder import DecoderLM
-from tpaserve.runner.factor_cache import FactorCache, FactorCacheSpec
+from tpaserve.runner.factor_cache import CACHE_DTYPE_NAMES, FactorCache, FactorCacheSpec
 from tpaserve.runner.graphs import StepGraphs, decode_buckets, seq_buckets, token_buckets
 from tpaserve.runner.memory import num_blocks_for, profile_cuda_budget
 from tpaserve.runner.model_runner import ModelRunner, PendingOutput
@@ -89,6 +89,35 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA GPU is visible to torch")
     return torch.device(device)
+
+
+_CACHE_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp8": torch.float8_e4m3fn}
+
+
+def resolve_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """--cache-dtype -> the factor cache's dtype (auto: the model's). On CUDA the kernels read
+    a cache of the model's dtype or fp8, and fp8 needs sm_89+ (Ada, Hopper: e4m3
+    conversions). On the CPU the torch reference ops read any of them (fp8 through torch's
+    e4m3 casts, with the store kernel's quantisation: kernels/reference.py)."""
+    if name == "auto":
+        return model_dtype
+    dtype = _CACHE_DTYPES[name]            # the name was checked by CacheConfig
+    if device.type != "cuda":
+        return dtype
+    if dtype == torch.float8_e4m3fn:
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 9):
+            raise ConfigError(
+                f"--cache-dtype fp8 needs a GPU with e4m3 conversions (compute capability "
+                f"8.9+: Ada, Hopper); {torch.cuda.get_device_name(device)} is "
+                f"{cap[0]}.{cap[1]}: use --cache-dtype auto")
+    elif dtype != model_dtype:
+        model = str(model_dtype).removeprefix("torch.")
+        raise ConfigError(f"--cache-dtype {name} differs from the model's dtype {model}: on "
+                          f"CUDA the cache holds the model's dtype or fp8 (use --dtype {name} "
+                          f"or --cache-dtype auto)")
+    return dtype
 
 
 NONFINITE_MESSAGE = ("the model's logits for this request were not finite (NaN or "
@@ -126,7 +155,9 @@ class EngineCore:
         self.vocab_size = min(config.vocab_size or mcfg.vocab_size, mcfg.vocab_size)
         self.eos_token_id = config.eos_token_id
         self.sampler = Sampler(self.vocab_size, config.eos_token_id, seed=config.seed)
-        spec = self.spec = FactorCacheSpec.from_model(mcfg, dtype, config.cache.block_size)
+        cache_dtype = resolve_cache_dtype(config.cache.cache_dtype, dtype, device)
+        spec = self.spec = FactorCacheSpec.from_model(mcfg, cache_dtype,
+                                                      config.cache.block_size)
         graphs = on_cuda and not config.enforce_eager
         num_blocks = num_blocks_for(config.cache, spec, device, lambda: profile_cuda_budget(
             model, spec, self.sampler, device,
@@ -176,6 +207,8 @@ class EngineCore:
             async_scheduling=self.async_scheduling,
             enable_prefix_caching=c.cache.enable_prefix_caching,
             bytes_per_token=s.bytes_per_token, mha_bytes_per_token=s.mha_bytes_per_token,
+            cache_dtype=CACHE_DTYPE_NAMES.get(s.dtype, str(s.dtype)),
+            bytes_per_token_by_dtype=s.bytes_per_token_by_dtype,
             n_layer=s.n_layer, n_head=s.n_head, head_dim=s.head_dim, k_rank=s.k_rank,
             v_rank=s.v_rank, mha_heads=s.mha_heads,
             cache_summary=s.summary(self.blocks.num_blocks), pid=os.getpid(),

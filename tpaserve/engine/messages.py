@@ -118,6 +118,9 @@ class EngineInfo(msgspec.Struct, omit_defaults=True):
     mha_heads: int
     cache_summary: str
     pid: int = 0
+    cache_dtype: str = ""                 # bfloat16, float16, float32 or fp8 (e4m3)
+    # bytes_per_token for each cache dtype this model can use, for /metrics
+    bytes_per_token_by_dtype: dict[str, int] = {}
     # admission, checked in the frontend before a request is sent
     scheduling_policy: str = "fcfs"
     max_queued_requests: int | None = None

@@ -117,6 +117,11 @@ FACTOR_CACHE_BYTES_PER_TOKEN = _gauge(
     "tpaserve:factor_cache_bytes_per_token", "Factor-cache bytes per token: layers * "
     "(R_K + R_V)(h + d_h) * itemsize for T6; layers * 2 n_kv d_h * itemsize for MHA / GQA / "
     "MQA (constant A: only the kv heads' keys and values are cached).", LABELS)
+FACTOR_CACHE_BYTES_PER_TOKEN_BY_DTYPE = _gauge(
+    "tpaserve:factor_cache_bytes_per_token_by_dtype", "Factor-cache bytes per token this "
+    "model would take with each cache dtype (--cache-dtype; fp8: e4m3, one byte a number, "
+    "the scales folded into the factors, so exactly half of bfloat16).",
+    LABELS + ["cache_dtype"])
 MHA_EQUIVALENT_BYTES_PER_TOKEN = _gauge(
     "tpaserve:mha_equivalent_bytes_per_token", "KV-cache bytes per token of the multi-head "
     "attention model the saving is measured against: layers * 2 h d_h * itemsize, with h = "
@@ -129,7 +134,8 @@ MHA_EQUIVALENT_CACHE_USED_BYTES = _gauge(
 CACHE_CONFIG_INFO = _gauge(
     "tpaserve:cache_config_info", "The factor cache's configuration, in labels (value 1).",
     LABELS + ["block_size", "num_blocks", "dtype", "num_layers", "num_heads", "head_dim",
-              "k_rank", "v_rank", "mha_equivalent_heads", "enable_prefix_caching"])
+              "k_rank", "v_rank", "mha_equivalent_heads", "enable_prefix_caching",
+              "cache_dtype"])
 
 # ---- the server ---------------------------------------------------------------------------
 # Uptime for /dashboard (now - start) without the process collector, which multiprocess mode
@@ -271,13 +277,16 @@ class EngineMetrics:
         FACTOR_CACHE_BLOCKS_TOTAL.labels(name).set(n)
         FACTOR_CACHE_BYTES_TOTAL.labels(name).set(n * info.bytes_per_block)
         FACTOR_CACHE_BYTES_PER_TOKEN.labels(name).set(info.bytes_per_token)
+        for cache_dtype, nbytes in info.bytes_per_token_by_dtype.items():
+            FACTOR_CACHE_BYTES_PER_TOKEN_BY_DTYPE.labels(name, cache_dtype).set(nbytes)
         MHA_EQUIVALENT_BYTES_PER_TOKEN.labels(name).set(info.mha_bytes_per_token)
         CACHE_CONFIG_INFO.labels(
             model_name=name, block_size=str(info.block_size), num_blocks=str(n),
             dtype=info.dtype, num_layers=str(info.n_layer), num_heads=str(info.n_head),
             head_dim=str(info.head_dim), k_rank=str(info.k_rank), v_rank=str(info.v_rank),
             mha_equivalent_heads=str(info.mha_heads),
-            enable_prefix_caching=str(info.enable_prefix_caching).lower()).set(1)
+            enable_prefix_caching=str(info.enable_prefix_caching).lower(),
+            cache_dtype=info.cache_dtype or info.dtype).set(1)
 
     def _set_usage(self, used: int) -> None:
         info = self.info

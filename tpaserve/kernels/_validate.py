@@ -11,6 +11,9 @@ import os
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# e4m3 factor caches (reference.quantize_factors_fp8); their queries may be any FLOAT_DTYPES
+FP8 = torch.float8_e4m3fn
+CACHE_DTYPES = FLOAT_DTYPES + (FP8,)
 
 # Triton on CPU (tests): sizes of config choices and the split heuristic follow this flag.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -40,7 +43,7 @@ def factor_caches(ak_cache: torch.Tensor, bk_cache: torch.Tensor, av_cache: torc
     """
     caches = (ak_cache, bk_cache, av_cache, bv_cache)
     for t in caches:
-        if t.dim() != 4 or not t.is_contiguous() or t.dtype not in FLOAT_DTYPES:
+        if t.dim() != 4 or not t.is_contiguous() or t.dtype not in CACHE_DTYPES:
             _bad_caches(caches)
     nb, bs, h, r_k = ak_cache.shape
     r_v = av_cache.shape[3]
@@ -59,6 +62,9 @@ def const_a_caches(bk_cache: torch.Tensor, bv_cache: torch.Tensor,
     """The two caches of a constant-A layer (reference.py: ak_cache = av_cache = None;
     B_K and B_V hold the n_kv kv heads). Returns (num_blocks, block_size, h, d_h, n_kv,
     n_kv) like factor_caches, with h = q's query heads (a multiple of n_kv; n_kv without q)."""
+    if bk_cache.dtype == FP8:
+        raise KernelInputError("constant-A caches (MHA / GQA / MQA) cannot be fp8: the fp8 "
+                               "cache keeps its scales in the A factors, which they lack")
     for name, t in (("bk_cache", bk_cache), ("bv_cache", bv_cache)):
         if t.dim() != 4 or not t.is_contiguous() or t.dtype not in FLOAT_DTYPES:
             require(t.dim() == 4, f"{name} must be 4-D (num_blocks, block_size, n_kv, d_h), "
@@ -99,7 +105,8 @@ def _bad_caches(caches) -> None:
         require(t.dim() == 4, f"{name} must be 4-D (num_blocks, block_size, ., .), "
                               f"got shape {tuple(t.shape)}")
         require(t.is_contiguous(), f"{name} must be contiguous, got strides {t.stride()}")
-        require(t.dtype in FLOAT_DTYPES, f"{name} dtype must be fp16/bf16/fp32, got {t.dtype}")
+        require(t.dtype in CACHE_DTYPES, f"{name} dtype must be fp16/bf16/fp32/fp8 e4m3, "
+                                         f"got {t.dtype}")
     ak, bk, av, bv = caches
     nb, bs, h, r_k = ak.shape
     r_v, d_h = av.shape[3], bk.shape[3]
@@ -131,8 +138,11 @@ def _int_tensor(name: str, t: torch.Tensor, dims: int, dtype: torch.dtype,
 def step_metadata(q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                   query_start_loc: torch.Tensor, h: int, d_h: int, dtype: torch.dtype,
                   device: torch.device) -> int:
-    """Check q and the step metadata against the caches; returns the batch size B."""
+    """Check q and the step metadata against the caches (dtype: the caches'; q must have
+    it, or any of FLOAT_DTYPES over fp8 caches); returns the batch size B."""
     i32 = torch.int32
+    if dtype == FP8 and q.dtype in FLOAT_DTYPES:
+        dtype = q.dtype
     b = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
     if (q.dim() != 3 or q.shape[1] != h or q.shape[2] != d_h or q.dtype != dtype
             or q.stride(2) != 1 or q.device != device

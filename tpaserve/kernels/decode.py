@@ -3,7 +3,8 @@
 For query q[b] (h, d_h) and cached positions m of sequence b (reference.paged_attention_ref):
     logit[h, m] = scale / R_K * sum_s A_K[m, h, s] * (q[h] . B_K[m, s])
     out[h, :]   = 1 / R_V * sum_{m, u} softmax_m(logit)[h, m] * A_V[m, h, u] * B_V[m, u, :]
-K and V are never formed. Per tile of BLOCK_N tokens and block of HB heads, each rank is
+K and V are never formed (fp8 caches: the factors as stored, their scale folded in by
+the store, see store.py; the products then run in fp16). Per tile of BLOCK_N tokens and block of HB heads, each rank is
 one tensor-core product of FlashAttention's shapes:
     S_s (HB, N)  = q (HB, d) @ B_K[:, s]^T (d, N)        then  logit += A_K[:, :, s]^T * S_s
     acc (HB, d) += (p * A_V[:, :, u]^T) (HB, N) @ B_V[:, u] (N, d)
@@ -103,11 +104,13 @@ def _tile(q, m_i, l_i, acc, start, hi, blk, ak_ptr, bk_ptr, av_ptr, bv_ptr, bt_r
           R_V: tl.constexpr, BS: tl.constexpr, HB: tl.constexpr, D_PAD: tl.constexpr,
           RK_PAD: tl.constexpr, RV_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
           H_EVEN: tl.constexpr, CONST_A: tl.constexpr, GROUP: tl.constexpr,
-          KV_PB: tl.constexpr):
+          KV_PB: tl.constexpr, FP8: tl.constexpr):
     """One tile of BLOCK_N positions from `start`: online-softmax update of (m, l, acc).
     blk: the tile's cache block when it lies inside one block (BS % BLOCK_N == 0).
     CONST_A: no A factors; query head j reads kv head j // GROUP, and the head block's
-    query heads read the KV_PB kv heads kv0, kv0 + 1, ... (see _decode_kernel)."""
+    query heads read the KV_PB kv heads kv0, kv0 + 1, ... (see _decode_kernel).
+    FP8: e4m3 caches; B tiles are converted to q's dtype (fp16, exact) for the products,
+    A tiles to fp32 (the rank selection and the mixing are fp32 anyway)."""
     pos = start + tl.arange(0, BLOCK_N)           # (N,) positions of this tile
     tok_ok = pos < hi
     h_ok = offs_h < H
@@ -151,9 +154,13 @@ def _tile(q, m_i, l_i, acc, start, hi, blk, ak_ptr, bk_ptr, av_ptr, bv_ptr, bt_r
                 s_hn += tl.where((kvh == kv0 + i)[:, None], qb, 0.0)
     else:
         ak = _load_a(akp, slot, offs_h, tok_ok, h_ok, H, R_K, RK_PAD, H_EVEN)  # (N, HB[, R])
+        if FP8:
+            ak = ak.to(tl.float32)
         for s in tl.static_range(R_K):
             bk = tl.load(bkp + slot[:, None] * (R_K * D) + s * D + offs_d[None, :],
                          mask=b_mask, other=0.0)                      # (N, D_PAD)
+            if FP8:
+                bk = bk.to(q.dtype)
             qb = tl.dot(q, tl.trans(bk))                              # (HB, N)
             ak_s = _rank(ak, s, R_K, RK_PAD)                          # (N, HB)
             s_hn += qb * tl.trans(ak_s).to(tl.float32)
@@ -178,9 +185,13 @@ def _tile(q, m_i, l_i, acc, start, hi, blk, ak_ptr, bk_ptr, av_ptr, bv_ptr, bt_r
             acc = tl.dot(w, bv, acc)                                  # (HB, D_PAD)
     else:
         av = _load_a(avp, slot, offs_h, tok_ok, h_ok, H, R_V, RV_PAD, H_EVEN)  # (N, HB[, R])
+        if FP8:
+            av = av.to(tl.float32)
         for u in tl.static_range(R_V):
             bv = tl.load(bvp + slot[:, None] * (R_V * D) + u * D + offs_d[None, :],
                          mask=b_mask, other=0.0)                      # (N, D_PAD)
+            if FP8:
+                bv = bv.to(q.dtype)
             av_u = _rank(av, u, R_V, RV_PAD)                          # (N, HB)
             w = (p * tl.trans(av_u).to(tl.float32)).to(bv.dtype)      # (HB, N)
             acc = tl.dot(w, bv, acc)                                  # (HB, D_PAD)
@@ -213,6 +224,7 @@ def _decode_kernel(
     GROUP: tl.constexpr,          # CONST_A: query heads per kv head (R_K = R_V = kv heads)
     KV_PB: tl.constexpr,          # CONST_A: kv heads one head block reads at most
     KV_GRID: tl.constexpr,        # CONST_A: program = (kv head, block of its group's heads)
+    FP8: tl.constexpr,            # e4m3 caches: products in fp16 (e4m3 -> fp16 is exact)
 ):
     hb = tl.program_id(0)
     sp = tl.program_id(1)
@@ -249,6 +261,10 @@ def _decode_kernel(
     q_mask = h_ok[:, None] & d_ok[None, :]
     q = tl.load(q_ptr + row * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :],
                 mask=q_mask, other=0.0)          # (HB, D_PAD)
+    if FP8:
+        # fp16, not bf16: sm_89+ converts e4m3 pairs to fp16 pairs in one instruction, and
+        # a bf16 q is exact in fp16 within [6e-5, 65504] (clamped: no inf from outliers)
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
     m_i = tl.full([HB], float("-inf"), tl.float32)
     l_i = tl.zeros([HB], tl.float32)
@@ -266,7 +282,7 @@ def _decode_kernel(
                 m_i, l_i, acc = _tile(q, m_i, l_i, acc, start, hi, blk, ak_ptr, bk_ptr,
                                       av_ptr, bv_ptr, bt_row, offs_h, offs_d, qk_scale, kv0,
                                       H, D, R_K, R_V, BS, HB, D_PAD, RK_PAD, RV_PAD, BLOCK_N,
-                                      H_EVEN, CONST_A, GROUP, KV_PB)
+                                      H_EVEN, CONST_A, GROUP, KV_PB, FP8)
     else:
         for start in range(lo, hi, BLOCK_N):
             if BS % BLOCK_N == 0:
@@ -276,7 +292,7 @@ def _decode_kernel(
             m_i, l_i, acc = _tile(q, m_i, l_i, acc, start, hi, blk, ak_ptr, bk_ptr, av_ptr,
                                   bv_ptr, bt_row, offs_h, offs_d, qk_scale, kv0, H, D, R_K,
                                   R_V, BS, HB, D_PAD, RK_PAD, RV_PAD, BLOCK_N, H_EVEN,
-                                  CONST_A, GROUP, KV_PB)
+                                  CONST_A, GROUP, KV_PB, FP8)
 
     if SPLIT:
         direct = n_used == 1      # a sequence short enough for one split: no partials
@@ -583,6 +599,7 @@ def decode_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Te
         BT_PF=cfg.bt_prefetch, CONST_A=const_a, GROUP=group,
         KV_PB=kv_heads_per_block(h, group, hb) if const_a and not cfg.kv_grid else 1,
         KV_GRID=cfg.kv_grid,
+        FP8=bk_cache.dtype == v.FP8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     return out

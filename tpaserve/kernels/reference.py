@@ -25,6 +25,12 @@ s == h // (H / R) else 0, the same for every token. The sums collapse to GQA att
 with the ranks as kv heads (g(h) = h // (H / n_kv)):
     logit[t, h, m] = scale * q[t, h] . B_K[m, g(h)]      out[t, h] = sum_m p[t, h, m] B_V[m, g(h)]
 The store then writes B_K (rotated) and B_V only; the step's A arguments are ignored.
+
+fp8 caches (float8_e4m3fn, --cache-dtype fp8; docs/kernel_notes.md "fp8 factor cache"):
+the store writes A' = A * 2^e_s and B' = B * 2^-e_s per token and rank s, rounded to e4m3
+(quantize_factors_fp8), which leaves A B unchanged but for the rounding, so the attention
+above reads the dequantised factors as they are: no scale is stored. Constant A has no A
+to take the scale: fp8 is refused there.
 """
 from __future__ import annotations
 
@@ -42,6 +48,44 @@ def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     return torch.cat((x1 * c + x2 * s, -x1 * s + x2 * c), dim=-1).to(x.dtype)
 
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0           # largest finite e4m3 value; larger ones saturate to it
+
+
+def quantize_fp8(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> e4m3, round to nearest even, saturating at +-448 (the store kernel's
+    store._round_e4m3 then an exact cast)."""
+    return x.float().clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """int32 e in [-126, 127] -> 2^e in fp32, exactly (built from the exponent bits)."""
+    return ((e + 127) << 23).view(torch.float32)
+
+
+def fp8_rank_exponents(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The per-rank power of two that balances a factor pair before rounding to e4m3.
+
+    a (T, h, R), b (T, R, d_h) fp32 -> e (T, R) int32: e_s = floor((x(max|b_s|) -
+    x(max|a_s|)) / 2), x() the binary exponent (fp32 exponent bits), 0 where either max
+    is 0; so max|a_s| 2^e and max|b_s| 2^-e lie within a factor 4 of each other."""
+    ma = a.abs().amax(1).contiguous()                               # (T, R)
+    mb = b.abs().amax(2).contiguous()                               # (T, R)
+    ea = (ma.view(torch.int32) >> 23) & 0xFF
+    eb = (mb.view(torch.int32) >> 23) & 0xFF
+    e = torch.where((ma == 0) | (mb == 0), torch.zeros_like(ea), (eb - ea) >> 1)
+    return e.clamp(-126, 126)
+
+
+def quantize_factors_fp8(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A factor pair of one token each -> (A', B') in e4m3 with A'_s = A_s 2^e_s and
+    B'_s = B_s 2^-e_s (fp8_rank_exponents): A B is unchanged before rounding, and the
+    scale lives in the factors, so nothing else is stored. a (T, h, R), b (T, R, d_h)."""
+    af, bf = a.float(), b.float()
+    e = fp8_rank_exponents(af, bf)                                  # (T, R)
+    return quantize_fp8(af * _pow2(e)[:, None, :]), quantize_fp8(bf * _pow2(-e)[:, :, None])
+
+
 def store_factors_ref(ak, bk, av, bv, cos, sin, slot_mapping,
                       ak_cache, bk_cache, av_cache, bv_cache) -> None:
     """Write a step's factors into their slots, applying RoPE to B_K on the way.
@@ -49,12 +93,20 @@ def store_factors_ref(ak, bk, av, bv, cos, sin, slot_mapping,
     ak (T, h, R_K), bk (T, R_K, d_h) *unrotated*, av (T, h, R_V), bv (T, R_V, d_h);
     cos, sin (T, d_h/2); slot_mapping (T,), -1 rows are skipped.
     ak_cache = av_cache = None (constant A): only B_K and B_V are written; ak, av ignored.
+    fp8 caches: each pair (A_K, RoPE'd B_K), (A_V, B_V) through quantize_factors_fp8.
     """
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     bs = bk_cache.size(1)
     blk, off = slots // bs, slots % bs
     bk_rot = rope_ref(bk[keep], cos[keep], sin[keep])
+    if bk_cache.dtype == FP8:
+        if ak_cache is None:
+            raise ValueError("an fp8 cache needs the A factors to hold its scales; constant "
+                             "A (MHA / GQA / MQA) has none")
+        ak_cache[blk, off], bk_cache[blk, off] = quantize_factors_fp8(ak[keep], bk_rot)
+        av_cache[blk, off], bv_cache[blk, off] = quantize_factors_fp8(av[keep], bv[keep])
+        return
     bk_cache[blk, off] = bk_rot.to(bk_cache.dtype)
     bv_cache[blk, off] = bv[keep].to(bv_cache.dtype)
     if ak_cache is not None:

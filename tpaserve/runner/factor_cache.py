@@ -11,6 +11,11 @@ B_K / B_V = the kv heads' keys / values, and A is a constant of the layer (query
 reads kv head j // (h / n_kv)). A constant-A cache (spec.const_a) holds no ak / av at all:
 `layer(i)` gives None for them, which the ops read as "A is that one-hot mixing"
 (kernels/reference.py). Bytes per token: 2 n_kv d_h a layer, a GQA KV cache's.
+
+dtype float8_e4m3fn (--cache-dtype fp8): one byte a number and nothing else, because the
+store folds each token's per-rank scale into its A and B factors (reference.py,
+quantize_factors_fp8), so bytes_per_token is exactly half bf16's. Constant A has no A to
+hold the scale: refused.
 """
 from __future__ import annotations
 
@@ -21,7 +26,11 @@ import torch
 from tpaserve.config import ConfigError, ModelConfig
 from tpaserve.models.dense import DenseConfig
 
-_ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
+_ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8,
+             torch.float8_e4m3fn: 1}
+# the cache dtypes the start-up log and /metrics state bytes per token for
+CACHE_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16",
+                     torch.float8_e4m3fn: "fp8", torch.float32: "float32"}
 
 
 def cache_bytes_per_token(cfg, dtype: torch.dtype) -> int:
@@ -48,6 +57,12 @@ class FactorCacheSpec:
     mha_heads: int                  # heads of the MHA model the saving is measured against
     const_a: bool = False           # A is a constant of the layer: no ak / av in the cache
     variant: str = "T6"             # for the start-up log: T6, T6-KVonly, MHA, GQA, MQA
+
+    def __post_init__(self) -> None:
+        if self.const_a and self.dtype == torch.float8_e4m3fn:
+            raise ConfigError(f"--cache-dtype fp8 is not available for {self.variant} models: "
+                              f"the fp8 cache keeps its scales in the TPA A factors, which a "
+                              f"constant-A (MHA / GQA / MQA) cache does not store")
 
     @classmethod
     def from_model(cls, cfg, dtype: torch.dtype, block_size: int) -> "FactorCacheSpec":
@@ -83,6 +98,13 @@ class FactorCacheSpec:
         return self.n_layer * self.elems_per_token_layer * self.itemsize
 
     @property
+    def bytes_per_token_by_dtype(self) -> dict[str, int]:
+        """bytes_per_token for each cache dtype this model can use (fp8 only with factors)."""
+        dts = [torch.bfloat16, torch.float16] + ([] if self.const_a else [torch.float8_e4m3fn])
+        return {CACHE_DTYPE_NAMES[d]: self.n_layer * self.elems_per_token_layer * _ITEMSIZE[d]
+                for d in dts}
+
+    @property
     def mha_bytes_per_token(self) -> int:
         """What the MHA model of the comparison (mha_heads heads) caches: 2 h d_h per layer."""
         return self.n_layer * 2 * self.mha_heads * self.head_dim * self.itemsize
@@ -108,8 +130,11 @@ class FactorCacheSpec:
         mha = total // self.mha_bytes_per_token
         twin = (f"the same model as MHA ({self.mha_heads} kv heads)" if self.const_a
                 else f"a same-size MHA model ({self.mha_heads} heads)")
+        others = ", ".join(f"{k} {b}" for k, b in self.bytes_per_token_by_dtype.items()
+                           if k != CACHE_DTYPE_NAMES.get(self.dtype))
+        dtype = CACHE_DTYPE_NAMES.get(self.dtype, self.dtype)
         return (f"factor cache ({self.describe()}): {self.bytes_per_token} B/token "
-                f"({self.dtype}), {num_blocks} blocks x {self.block_size} = {tokens} tokens "
+                f"({dtype}; {others}), {num_blocks} blocks x {self.block_size} = {tokens} tokens "
                 f"in {total / 2**30:.2f} GiB; {twin} would fit {mha} tokens "
                 f"({self.mha_bytes_per_token / self.bytes_per_token:.1f}x fewer)")
 
