@@ -191,6 +191,10 @@ def decode_main(args: argparse.Namespace) -> None:
         info = cache_info(cfg, w)
         if "engine_refuses" in info:
             rows[name] = dict(skipped=f"no paged decode kernel: {info['engine_refuses']}")
+        elif name == "MLA":     # served after mla-serve, but its latent cache is not a factor
+            # cache: decode_point would time the wrong thing
+            rows[name] = dict(skipped="MLA's decode op is not wired into bench/family.py yet "
+                              "(decode_point builds factor caches)")
         else:
             # at a size the fp32 reference can check (the timed points are too big for it)
             check = decode_point(cfg, 2, 1000, w)["rel_err"] if w.device == "cuda" else None
@@ -249,10 +253,14 @@ def serve_twin(s, name: str, ckpt: Path, vocab: int, w: Workload) -> dict:
         s.steps.append(dict(step=f"{name} server", rc=0,
                             seconds=round(time.monotonic() - server.t0, 1)))
         g = metric_gauges(url)
-        blocks = int(g["tpaserve:factor_cache_blocks_total"])
-        out["engine"] = dict(blocks=blocks, block_size=w.block_size,
-                             bytes_per_token=int(g["tpaserve:factor_cache_bytes_per_token"]),
-                             capacity=blocks // math.ceil(w.capacity_context / w.block_size))
+        if "tpaserve:factor_cache_blocks_total" in g:
+            blocks = int(g["tpaserve:factor_cache_blocks_total"])
+            out["engine"] = dict(
+                blocks=blocks, block_size=w.block_size,
+                bytes_per_token=int(g.get("tpaserve:factor_cache_bytes_per_token", 0)),
+                capacity=blocks // math.ceil(w.capacity_context / w.block_size))
+        else:
+            out["engine"] = dict(missing="no tpaserve:factor_cache_blocks_total on /metrics")
         common = ["--base-url", url, "--model", name, "--token-ids", "--vocab-size", vocab,
                   "--no-progress", "--label", name, "--temperature", 1.0]
         tput, long = s.raw / f"{name}.serve.json", s.raw / f"{name}.long.json"
@@ -315,7 +323,11 @@ def run(args: argparse.Namespace) -> dict:
         s.steps.append(dict(step=f"{name} checkpoint", rc=0,
                             seconds=round(time.monotonic() - t0, 1)))
         result["twins"][name]["params"] = info["params"]
-        result["twins"][name]["served"] = serve_twin(s, name, ckpt, info["vocab_size"], w)
+        try:
+            result["twins"][name]["served"] = serve_twin(s, name, ckpt, info["vocab_size"], w)
+        except Exception as e:                  # one twin's failure must not end the run
+            result["twins"][name]["served"] = dict(skipped=f"{type(e).__name__}: {e}"[:600])
+            s.log(f"{name}: {type(e).__name__}: {e}")
         shutil.rmtree(ckpt, ignore_errors=True)
         save()
     if args.work_dir is None:
@@ -380,6 +392,9 @@ def format_markdown(result: dict) -> str:
             f"decode ms/layer {b}x{k(c1)} | {b}x{k(c2)} | out tok/s c={c_lo} | c={c_hi} | "
             f"TTFT p50 s, {w['long_requests']}x{k(w['long_prompt'])} | TPOT ms |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    if result.get("smoke"):
+        lines.insert(0, "SMOKE RUN (CPU, 2-layer twins, tiny contexts): the numbers below say "
+                     "only that every step ran.\n")
     for r in rows:
         cap = r["capacity_engine"]
         cap_s = (f"{cap}" if cap is not None else f"({r['capacity_arithmetic']})")
@@ -408,28 +423,28 @@ def beats_t6(rows: list[dict], w: dict) -> list[str]:
     t6 = next(r for r in rows if r["name"] == "T6")
     (b, c1), (_, c2) = w["decode_points"]
     cap = "capacity_engine" if t6["capacity_engine"] is not None else "capacity_arithmetic"
-    metrics = [("bytes_per_token", "caches fewer bytes per token", min, ",d"),
-               (cap, f"fits more {w['capacity_context']}-token sequences", max, ",d"),
-               (f"decode_{b}x{c1}_ms", f"decodes faster per layer at {b} x {c1} (ms)", min,
-                ".3f"),
-               (f"decode_{b}x{c2}_ms", f"decodes faster per layer at {b} x {c2} (ms)", min,
-                ".3f")]
-    metrics += [(f"tok_s_c{c}", f"serves more output tok/s at c={c}", max, ",.0f")
+    gib = w["cache_bytes"] / 2**30
+    metrics = [("bytes_per_token", "Fewer cache bytes per token", min, ",d", " B"),
+               (cap, f"More {w['capacity_context']}-token sequences in {gib:g} GiB", max, ",d", ""),
+               (f"decode_{b}x{c1}_ms", f"Faster decode per layer at {b} x {c1}", min,
+                ".3f", " ms"),
+               (f"decode_{b}x{c2}_ms", f"Faster decode per layer at {b} x {c2}", min,
+                ".3f", " ms")]
+    metrics += [(f"tok_s_c{c}", f"More output tok/s at c={c}", max, ",.0f", "")
                 for c in w["concurrency"]]
-    metrics += [("long_ttft_p50_ms", "has a lower TTFT p50 on the long prompts (ms)", min,
-                 ",.0f"),
-                ("long_tpot_ms", "has a lower TPOT on the long prompts (ms)", min, ".2f")]
+    metrics += [("long_ttft_p50_ms", "Lower TTFT p50 on the long prompts", min, ",.0f", " ms"),
+                ("long_tpot_ms", "Lower TPOT on the long prompts", min, ".2f", " ms")]
     lines = []
-    for key, what, better, fmt in metrics:
+    for key, what, better, fmt, unit in metrics:
         mine = t6.get(key)
         if mine is None:
             continue
         winners = [r for r in rows if r["name"] != "T6" and r.get(key) is not None
                    and better(r[key], mine) == r[key] and r[key] != mine]
         if winners:
-            lines.append(f"- {', '.join(r['name'] for r in winners)} {what} than T6 "
-                         f"({', '.join(format(r[key], fmt) for r in winners)} vs "
-                         f"{format(mine, fmt)}).")
+            lines.append(f"- {what} than T6 ({format(mine, fmt)}{unit}): "
+                         + ", ".join(f"{r['name']} {format(r[key], fmt)}" for r in winners)
+                         + ".")
     return lines
 
 

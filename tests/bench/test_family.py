@@ -57,10 +57,10 @@ def test_report_says_where_t6_loses_from_the_arithmetic_alone():
     twins = {name: dict(preset=TWINS[name], cache=cache_info(
         twin_config(name, smoke=False, max_position=40960), GPU)) for name in TWINS}
     text = format_markdown(dict(workload=asdict(GPU), twins=twins, copy_gbs=None))
-    assert ("- T6-KVonly, GQA-2, MQA, MLA caches fewer bytes per token than T6 "
-            "(17,856, 12,288, 6,144, 13,824 vs 21,312).") in text
-    assert ("- T6-KVonly, GQA-2, MQA, MLA fits more 32768-token sequences than T6 "
-            "(29, 42, 85, 37 vs 24).") in text
+    assert ("- Fewer cache bytes per token than T6 (21,312 B): T6-KVonly 17,856, GQA-2 12,288, "
+            "MQA 6,144, MLA 13,824.") in text
+    assert ("- More 32768-token sequences in 16 GiB than T6 (24): T6-KVonly 29, GQA-2 42, "
+            "MQA 85, MLA 37.") in text
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + len(TWINS)
     assert rows[1].startswith("| T6 | 21,312 | 1.00x | (24) |")
