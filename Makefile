@@ -18,6 +18,11 @@ PYTEST_ARGS ?=
 # cannot be built, that test skips and says why; .ok marks a complete install.
 GUIDELLM_VENV := .venv-guidellm
 GUIDELLM_SPEC := guidellm==0.8.1 transformers==5.24.0 datasets==5.2.0
+# lm-eval, which tests/api/test_lm_eval_family.py runs unchanged (local-completions) against a
+# server per model family: its own venv too (datasets, evaluate, scikit-learn, ...; the [api]
+# extra needs no torch: it tokenizes through the server's /tokenize). Best effort, as above.
+LMEVAL_VENV := .venv-lmeval
+LMEVAL_SPEC := lm_eval[api]==0.4.13
 
 .PHONY: test test-gpu serve install system-deps clean
 
@@ -39,8 +44,12 @@ $(GUIDELLM_VENV)/.ok:
 	  $(GUIDELLM_VENV)/bin/pip install -q "$(TORCH_SPEC)" && \
 	  $(GUIDELLM_VENV)/bin/pip install -q $(GUIDELLM_SPEC) && touch $@
 
+$(LMEVAL_VENV)/.ok:
+	-(test -x $(LMEVAL_VENV)/bin/python || $(PYTHON) -m venv $(LMEVAL_VENV)) && \
+	  $(LMEVAL_VENV)/bin/pip install -q "$(LMEVAL_SPEC)" && touch $@
+
 # TRITON_INTERPRET=1: Triton kernels run on the CPU interpreter (no GPU here).
-test: $(BIN)/.installed system-deps $(GUIDELLM_VENV)/.ok
+test: $(BIN)/.installed system-deps $(GUIDELLM_VENV)/.ok $(LMEVAL_VENV)/.ok
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not gpu and not slow" $(PYTEST_ARGS)
 
 test-gpu: $(BIN)/.installed
@@ -50,4 +59,4 @@ serve: $(BIN)/.installed
 	$(BIN)/tpaserve --host 127.0.0.1 --port 8000
 
 clean:
-	rm -rf $(VENV) $(GUIDELLM_VENV) build *.egg-info
+	rm -rf $(VENV) $(GUIDELLM_VENV) $(LMEVAL_VENV) build *.egg-info

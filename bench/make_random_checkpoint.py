@@ -1,6 +1,9 @@
-"""Write a random-weights T6 checkpoint directory the server can load, with a tokenizer.
+"""Write a random-weights checkpoint directory the server can load, with a tokenizer.
 
     python -m bench.make_random_checkpoint --preset t6-medium --out /tmp/t6m --max-position 40960
+
+Presets: the T6 sizes and the medium baselines (MHA / GQA / MQA / MLA, bench/presets.py);
+each is written by its tpaserve class (T6, DenseLM, MLA) in the layout the authors' code uses.
 
 The checkpoint is the authors' format (loader.save_checkpoint: config.json +
 model.safetensors, bf16 by default). The tokenizer is a small sentencepiece BPE trained here
@@ -23,10 +26,15 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from bench.presets import PRESETS, model_config
+from bench.presets import BASELINES, PRESETS, model_config
 from bench.workload import WORDS
+from tpaserve.config import ModelConfig
+from tpaserve.models.dense import DenseConfig, DenseLM
 from tpaserve.models.loader import resolve_dtype, save_checkpoint
+from tpaserve.models.mla import MLA, MLAConfig
 from tpaserve.models.t6 import T6
+
+MODEL_CLASS = {ModelConfig: T6, DenseConfig: DenseLM, MLAConfig: MLA}
 
 
 def train_tokenizer(directory: Path, vocab_size: int = 1000, seed: int = 0) -> int:
@@ -57,15 +65,17 @@ def copy_tokenizer(src: Path, directory: Path) -> int:
     return spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model")).vocab_size()
 
 
-def make_checkpoint(preset: str, out: str | Path, *, max_position: int = 4096,
-                    dtype: str = "bfloat16", seed: int = 0, tokenizer_vocab: int = 1000,
+def make_checkpoint(preset: str | ModelConfig | DenseConfig | MLAConfig, out: str | Path, *,
+                    max_position: int = 4096, dtype: str = "bfloat16", seed: int = 0,
+                    tokenizer_vocab: int = 1000,
                     tokenizer_from: str | Path | None = None) -> dict:
     """Save the checkpoint and tokenizer (trained here, or tokenizer_from's files copied);
-    returns {path, vocab_size (tokenizer's), params}."""
+    returns {path, vocab_size (tokenizer's), params}. preset: a name, or a config itself."""
     out = Path(out)
     # the longest context the server will accept, whatever the preset or config.json says
-    cfg = dataclasses.replace(model_config(preset), max_position=max_position)
-    model = T6(cfg).init_random(seed=seed).to(resolve_dtype(dtype, "cpu"))
+    cfg = model_config(preset) if isinstance(preset, str) else preset
+    cfg = dataclasses.replace(cfg, max_position=max_position)
+    model = MODEL_CLASS[type(cfg)](cfg).init_random(seed=seed).to(resolve_dtype(dtype, "cpu"))
     save_checkpoint(model, out, format="safetensors")
     params = sum(p.numel() for p in model.parameters())
     del model
@@ -85,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                  description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="t6-medium",
-                    help=f"{', '.join(PRESETS)}, or a config.json to copy the shape of")
+                    help=f"{', '.join(PRESETS + BASELINES)}, or a config.json to copy the shape "
+                    "of")
     ap.add_argument("--out", required=True)
     ap.add_argument("--max-position", type=int, default=4096,
                     help="config block_size: the longest context the server will accept")

@@ -107,3 +107,60 @@ def plot_fleet(rows: Sequence[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_family(result: dict, path: str) -> None:
+    """bench/family.py's one figure: per twin, cache bytes per token, sequences that fit,
+    decode time per layer, served output tok/s, TTFT and TPOT on the long prompts. T6 in a
+    colour of its own; a twin not measured has no bar (its name stays on the axis)."""
+    from bench.family import summary
+    w, rows = result["workload"], summary(result)
+    names = [r["name"] for r in rows]
+    colours = ["tab:red" if n == "T6" else "tab:orange" if n.startswith("T6") else "tab:blue"
+               for n in names]
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    x = list(range(len(names)))
+
+    def bars(ax, keys_labels, title, ylabel, log=False):
+        width = 0.8 / len(keys_labels)
+        if all(r.get(key) is None for key, _ in keys_labels for r in rows):
+            ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
+            log = False
+        for i, (key, label) in enumerate(keys_labels):
+            ys = [r.get(key) for r in rows]
+            xs = [xi + (i - (len(keys_labels) - 1) / 2) * width for xi in x]
+            ax.bar([a for a, y in zip(xs, ys) if y is not None],
+                   [y for y in ys if y is not None], width,
+                   color=[c for c, y in zip(colours, ys) if y is not None],
+                   alpha=1.0 if i == 0 else 0.55)
+            if len(keys_labels) > 1:        # legend swatch in grey: the colour is the twin's
+                ax.bar([0], [0], 0, color="grey", alpha=1.0 if i == 0 else 0.55, label=label)
+        ax.set_xticks(x, names, rotation=30, ha="right")
+        ax.set(title=title, ylabel=ylabel, yscale="log" if log else "linear")
+        ax.grid(True, axis="y", alpha=0.3)
+        if len(keys_labels) > 1:
+            ax.legend(fontsize=8)
+
+    ctx, gib = w["capacity_context"], w["cache_bytes"] / 2**30
+    (b, c1), (_, c2) = w["decode_points"]
+    bars(axes[0][0], [("bytes_per_token", "")], "cache bytes per token (all layers)", "bytes")
+    engine = any(r["capacity_engine"] is not None for r in rows)
+    bars(axes[0][1], [("capacity_engine" if engine else "capacity_arithmetic", "")],
+         f"{ctx}-token sequences in {gib:g} GiB" + (" (engine)" if engine else " (arithmetic)"),
+         "sequences")
+    bars(axes[0][2], [(f"decode_{b}x{c1}_ms", f"{b} x {c1}"), (f"decode_{b}x{c2}_ms",
+                                                              f"{b} x {c2}")],
+         "decode attention, one layer", "ms", log=True)
+    bars(axes[1][0], [(f"tok_s_c{c}", f"c={c}") for c in w["concurrency"]],
+         f"served output tok/s (prompt {w['prompt']}, {w['output']} new)", "tokens/s")
+    long = f"{w['long_requests']} x {w['long_prompt']}-token prompts"
+    bars(axes[1][1], [("long_ttft_p50_ms", "")], f"TTFT p50, {long}", "ms")
+    bars(axes[1][2], [("long_tpot_ms", "")], f"TPOT, {long}", "ms")
+    title = "tpaserve: T6-medium and its medium twins, random weights"
+    if result.get("smoke"):
+        title += " (SMOKE RUN on CPU: tiny twins, the numbers mean nothing)"
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,8 +1,15 @@
-"""The paper's T6 sizes (../shared/TPA.md section 2) as ModelConfigs, by name.
+"""The paper's T6 sizes (../shared/TPA.md section 2) as ModelConfigs, by name, and the
+medium-size baselines the paper trains beside T6-medium (bench/family.py's twins).
 
 d_h = 64, R_Q = 6, R_K = R_V = 2, vocab 50304 (GPT-2 BPE padded) for every size; the
 "-kvonly" variants have plain queries and fewer heads. Used by capacity.py, the baselines
 and make_random_checkpoint.py so the suite's model is the one the tables describe.
+
+The medium baselines (24 layers, d_model 1024, d_h 64) keep the attention parameters of
+MHA-16 (4 d_model^2): query heads + kv heads = 32, so MHA 16/16, GQA 28/4, GQA 30/2 (the
+authors' medium GQA config: group_size 15), MQA 31/1. MLA-medium is what the authors'
+llama-mla builds for medium: 23 heads, their class defaults q_lora 512, kv_lora 256, rope 32
+(their train script never passes the MLA sizes; docs/model_family.md).
 """
 from __future__ import annotations
 
@@ -11,7 +18,9 @@ import json
 from pathlib import Path
 
 from tpaserve.config import ModelConfig
+from tpaserve.models.dense import DenseConfig
 from tpaserve.models.loader import load_config
+from tpaserve.models.mla import MLAConfig
 
 VOCAB = 50304
 # name: (n_layer, d_model, h for T6, h for T6-KVonly)
@@ -27,11 +36,31 @@ def _preset(size: str, kv_only: bool, max_position: int) -> ModelConfig:
                        name=f"t6-{size}" + ("-kvonly" if kv_only else ""))
 
 
+# name: (query heads, kv heads) at medium size
+_DENSE_MEDIUM = {"mha16-medium": (16, 16), "gqa4-medium": (28, 4), "gqa2-medium": (30, 2),
+                 "mqa-medium": (31, 1)}
 PRESETS = tuple(f"t6-{s}{k}" for s in _SIZES for k in ("", "-kvonly"))
+BASELINES = (*_DENSE_MEDIUM, "mla-medium")
 
 
-def model_config(name_or_path: str, max_position: int = 1024) -> ModelConfig:
-    """A preset name (t6-small ... t6-xl[-kvonly]) or a checkpoint directory / config.json."""
+def _baseline(name: str, max_position: int) -> DenseConfig | MLAConfig:
+    n_layer, d_model, _, _ = _SIZES["medium"]
+    if name == "mla-medium":
+        return MLAConfig(n_layer=n_layer, n_head=23, n_embd=d_model, vocab_size=VOCAB,
+                         q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=64,
+                         qk_rope_head_dim=32, v_head_dim=64, max_position=max_position,
+                         name=name)
+    h, kv = _DENSE_MEDIUM[name]
+    return DenseConfig(n_layer=n_layer, n_head=h, n_kv_head=kv, head_dim=64, n_embd=d_model,
+                       vocab_size=VOCAB, max_position=max_position, name=name)
+
+
+def model_config(name_or_path: str,
+                 max_position: int = 1024) -> ModelConfig | DenseConfig | MLAConfig:
+    """A preset name (t6-small ... t6-xl[-kvonly], or a medium baseline: mha16-medium,
+    gqa4-medium, gqa2-medium, mqa-medium, mla-medium) or a checkpoint directory / config.json."""
+    if name_or_path in BASELINES:
+        return _baseline(name_or_path, max_position)
     if name_or_path in PRESETS:
         size = name_or_path.removeprefix("t6-").removesuffix("-kvonly")
         return _preset(size, name_or_path.endswith("-kvonly"), max_position)
