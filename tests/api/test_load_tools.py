@@ -83,7 +83,10 @@ def test_guidellm_runs_with_zero_errors(server, tmp_path):
     (bench,) = report["benchmarks"]
     totals = bench["metrics"]["request_totals"]
     assert totals["errored"] == 0 and totals["incomplete"] == 0, totals
-    assert totals["successful"] >= 6, totals
+    # guidellm's max_requests constraint can stop its scheduler one request short on a busy
+    # machine (seen in CI: 5 of 6, none errored or incomplete): what tpaserve answers for is
+    # that every request guidellm sent succeeded
+    assert totals["successful"] >= 5 and totals["successful"] == totals["total"], totals
     # the usage the server reported is what guidellm counted: 8 tokens per request
     out_tokens = bench["metrics"]["output_token_count"]["successful"]
     assert out_tokens["total_sum"] == 8 * totals["successful"], out_tokens
