@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import tpaserve.kernels.reference as ref
+from tests.kernels.latent_case import make_latent_case, reference
 from tests.kernels.paged_case import TOL, rel_err
 from tpaserve.kernels._validate import INTERPRET, KernelInputError
 from tpaserve.kernels.decode import DecodeConfig
@@ -32,35 +33,8 @@ SHAPES = [  # (h, kv_lora, rope)
 ]
 
 
-def make_latent_case(lens, n_queries, h, kv_lora, rope, bs, dtype=torch.float32, seed=0,
-                     device=DEV):
-    """Random latent cache (every block, owned or not), shuffled block tables, q rows."""
-    g = torch.Generator().manual_seed(seed)
-    nblk = [-(-L // bs) for L in lens]
-    num_blocks = sum(nblk) + 3
-    perm = torch.randperm(num_blocks, generator=g)
-    tables = torch.randint(0, num_blocks, (len(lens), max(nblk) + 1), generator=g)
-    at = 0
-    for i, k in enumerate(nblk):
-        tables[i, :k] = perm[at:at + k]
-        at += k
-    qsl = [0]
-    for n in n_queries:
-        qsl.append(qsl[-1] + n)
-    rnd = lambda *s: torch.randn(*s, generator=g).to(dtype).to(device)  # noqa: E731
-    return dict(
-        q=rnd(qsl[-1], h, kv_lora + rope), cache=rnd(num_blocks, bs, kv_lora + rope),
-        block_tables=tables.to(torch.int32).to(device),
-        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
-        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
-        max_query_len=max(n_queries), max_seq_len=max(lens), kv_lora=kv_lora,
-        scale=1 / math.sqrt(kv_lora / 2 + rope))
-
-
-def reference(c: dict) -> torch.Tensor:
-    cpu = {k: (x.cpu() if torch.is_tensor(x) else x) for k, x in c.items()}
-    return ref.mla_attention_ref(cpu["q"], cpu["cache"], cpu["block_tables"], cpu["seq_lens"],
-                                 cpu["query_start_loc"], c["kv_lora"], c["scale"]).to(c["q"].device)
+def case(*args, **kw) -> dict:
+    return make_latent_case(*args, device=DEV, **kw)
 
 
 def run(c: dict, **kw) -> torch.Tensor:
@@ -98,14 +72,14 @@ def test_reference_equals_the_plain_forward_with_materialised_heads():
 @pytest.mark.parametrize("bs", [1, 16])
 @pytest.mark.parametrize("h,kv_lora,rope", SHAPES)
 def test_decode_matches_reference(h, kv_lora, rope, bs, splits):
-    c = make_latent_case([1, 15, 16, 17, 50], [1] * 5, h, kv_lora, rope, bs, seed=h + bs)
+    c = case([1, 15, 16, 17, 50], [1] * 5, h, kv_lora, rope, bs, seed=h + bs)
     err = rel_err(run(c, num_splits=splits), reference(c))
     assert err < TOL[torch.float32], f"relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_decode_half_precision(dtype):
-    c = make_latent_case([3, 33, 64, 100], [1] * 4, 23, 80, 32, 16, dtype, seed=4)
+    c = case([3, 33, 64, 100], [1] * 4, 23, 80, 32, 16, dtype, seed=4)
     for splits in (1, 4):
         assert rel_err(run(c, num_splits=splits), reference(c)) < TOL[dtype], splits
 
@@ -116,17 +90,15 @@ def test_chunks_mixed_with_decode_rows(h, kv_lora, rope, bs):
     """Prompt chunks (whole prompts, and chunks after a cached prefix: prefix hits and
     chunked prefill), one-row sequences and a sequence without a query in one step."""
     lens, n_q = [1, 9, 30, 17, 40, 5], [1, 4, 30, 1, 0, 5]
-    c = make_latent_case(lens, n_q, h, kv_lora, rope, bs, seed=h * bs)
-    got, want = run(c, num_splits=2), reference(c)
-    rows = [i for i in range(c["q"].shape[0])]       # every query row is written
-    err = rel_err(got[rows], want[rows])
+    c = case(lens, n_q, h, kv_lora, rope, bs, seed=h * bs)
+    err = rel_err(run(c, num_splits=2), reference(c))       # every query row is written
     assert err < TOL[torch.float32], f"relative error {err:.2e}"
 
 
 def test_padding_tokens_and_sequences_of_a_graph_bucket():
     """A mixed graph bucket: tokens past the last sequence's rows and sequences without
     rows (query_start_loc repeats T) are skipped; their out rows are left alone."""
-    c = make_latent_case([6, 12, 1, 1], [6, 3, 0, 0], 3, 96, 16, 8, seed=7)
+    c = case([6, 12, 1, 1], [6, 3, 0, 0], 3, 96, 16, 8, seed=7)
     T = 9
     c["q"] = torch.cat((c["q"], torch.randn(4, *c["q"].shape[1:], device=DEV)))   # pad to 13
     got = run(c, num_splits=1)
@@ -151,7 +123,7 @@ def test_store_matches_reference(bs, dtype):
 
 
 def test_input_errors_are_one_line():
-    c = make_latent_case([5], [1], 3, 96, 16, 8)
+    c = case([5], [1], 3, 96, 16, 8)
     bad = [
         dict(cache=c["cache"].transpose(0, 1)),            # not contiguous
         dict(kv_lora=112),                                 # leaves no rope
@@ -184,7 +156,7 @@ REAL = [  # (h, kv_lora, rope): the medium MLA (class defaults), DeepSeek-V2-Lit
 @pytest.mark.parametrize("h,kv_lora,rope", REAL)
 def test_decode_real_sizes_bf16(h, kv_lora, rope, bs, splits):
     lens = [1, 100, 4097, 32768] + [513] * 12
-    c = make_latent_case(lens, [1] * len(lens), h, kv_lora, rope, bs, torch.bfloat16, seed=5)
+    c = case(lens, [1] * len(lens), h, kv_lora, rope, bs, torch.bfloat16, seed=5)
     assert rel_err(run(c, num_splits=splits), reference(c)) < TOL[torch.bfloat16]
 
 
@@ -193,7 +165,7 @@ def test_decode_real_sizes_bf16(h, kv_lora, rope, bs, splits):
 @pytest.mark.parametrize("h,kv_lora,rope", REAL)
 def test_chunks_real_sizes_bf16(h, kv_lora, rope):
     lens, n_q = [700, 1, 2048, 300], [700, 1, 512, 1]
-    c = make_latent_case(lens, n_q, h, kv_lora, rope, 16, torch.bfloat16, seed=6)
+    c = case(lens, n_q, h, kv_lora, rope, 16, torch.bfloat16, seed=6)
     assert rel_err(run(c), reference(c)) < TOL[torch.bfloat16]
     cfg = DecodeConfig(head_block=16, block_n=16, num_warps=4, num_stages=2)
     assert rel_err(run(c, config=cfg), reference(c)) < TOL[torch.bfloat16]
