@@ -139,7 +139,7 @@ def _mla_kernel(
     else:
         direct: tl.constexpr = True
     if direct:
-        _write_out(out_ptr, row, stride_ot, stride_oh, offs_h, offs_c, acc, l_i, 1.0, H, C)
+        _write_out(out_ptr, row, stride_ot, stride_oh, offs_h, offs_c, h_ok, acc, l_i, 1.0, C)
     else:                         # decode launch only (the rows launch has one split)
         ws_row = (b * num_splits + sp) * H + offs_h                       # (HB,)
         tl.store(ws_ptr + ws_row[:, None] * C + offs_c[None, :], acc, mask=q_mask)
