@@ -27,11 +27,16 @@ def main() -> None:
                DecodeConfig(16, shipped.block_n, 4, 2)]
         for cfg in (shipped, *alt):
             for rows in (False, True):
-                consts = dict(H=h, C=c, P=r, BS=16, HB=cfg.head_block, C_PAD=next_pow2(c, 16),
-                              P_PAD=next_pow2(r, 16), BLOCK_N=cfg.block_n, ROWS=rows,
+                # the launcher's rule for the rows launch (mla_decode.mla_attention)
+                qb = max(1, mla_decode._ROWS_M // cfg.head_block) if rows else 1
+                c_pad = next_pow2(c, 16)
+                warps = (8 if rows and qb * cfg.head_block * c_pad >= 64 * 256
+                         else cfg.num_warps)
+                consts = dict(H=h, C=c, P=r, BS=16, HB=cfg.head_block, C_PAD=c_pad,
+                              P_PAD=next_pow2(r, 16), BLOCK_N=cfg.block_n, ROWS=rows, QB=qb,
                               SPLIT=not rows, MERGE_SB=1, UPCAST=False)
                 try:
-                    k = compile_for_sm90(mla_decode._mla_kernel, types, consts, cfg.num_warps,
+                    k = compile_for_sm90(mla_decode._mla_kernel, types, consts, warps,
                                          cfg.num_stages)
                     res = usage(k)
                 except Exception as e:             # e.g. shared memory past the limit
@@ -39,7 +44,7 @@ def main() -> None:
                 mode = "rows  " if rows else "decode"
                 tag = "shipped" if cfg is shipped else "alt"
                 print(f"{mode} h {h:3} kv_lora {c} rope {r} {tag} HB {cfg.head_block} "
-                      f"N {cfg.block_n} w {cfg.num_warps} st {cfg.num_stages}: {res}",
+                      f"rows {qb} N {cfg.block_n} w {warps} st {cfg.num_stages}: {res}",
                       flush=True)
     st = dict(c_ptr="*bf16", kpe_ptr="*bf16", slot_ptr="*i64", cache_ptr="*bf16",
               stride_c="i32", stride_k="i32")

@@ -95,6 +95,19 @@ def test_chunks_mixed_with_decode_rows(h, kv_lora, rope, bs):
     assert err < TOL[torch.float32], f"relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("rows_m", [16, 64, 128])
+def test_rows_programs_spanning_several_sequences(rows_m, monkeypatch):
+    """The rows launch takes rows_m / 16 query rows a program (1, 4, 8 here), so one program
+    covers parts of up to 8 sequences: short chunks, single rows between them, the last
+    program partly past the step's rows."""
+    from tpaserve.kernels import mla_decode
+    monkeypatch.setattr(mla_decode, "_ROWS_M", rows_m)
+    n_q = [2, 3, 1, 2, 1, 1, 5, 2, 9, 1, 3]
+    lens = [n + k for n, k in zip(n_q, [0, 4, 7, 0, 3, 0, 20, 1, 2, 0, 40])]
+    c = case(lens, n_q, 5, 80, 16, 8, seed=rows_m)
+    assert rel_err(run(c, num_splits=2), reference(c)) < TOL[torch.float32]
+
+
 def test_padding_tokens_and_sequences_of_a_graph_bucket():
     """A mixed graph bucket: tokens past the last sequence's rows and sequences without
     rows (query_start_loc repeats T) are skipped; their out rows are left alone."""
