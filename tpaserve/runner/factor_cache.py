@@ -197,6 +197,7 @@ class FactorCache:
 
     def layer(self, i: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None,
                                      torch.Tensor]:
+        assert not self.spec.latent, "an MLA cache holds latent rows, not factors: .latent[i]"
         if self.spec.const_a:
             return None, self.bk[i], None, self.bv[i]
         return self.ak[i], self.bk[i], self.av[i], self.bv[i]
