@@ -174,3 +174,13 @@ def test_absorbed_forward_equals_plain_forward():
             got = model(ids, pos, PagedAttention(cache, meta))
             want = model(ids, pos, FullSequenceAttention([0, L]))
         assert (got - want).abs().max().item() < 2e-5, rope
+
+
+def test_fp8_cache_is_refused_in_one_line(mla):
+    """The fp8 factor cache keeps its scales in the A factors; MLA's latent rows have none."""
+    from tpaserve.config import ConfigError
+    from tpaserve.runner.factor_cache import FactorCacheSpec
+    with pytest.raises(ConfigError, match="fp8 is not available for MLA") as e:
+        FactorCacheSpec.from_model(mla.cfg, torch.float8_e4m3fn, 16)
+    assert "\n" not in str(e.value)
+    assert "fp8" not in FactorCacheSpec.from_model(mla.cfg, torch.bfloat16, 16).summary(4)
