@@ -9,19 +9,20 @@ weights at the authors' configurations, the same workloads, one table and one pl
 Twins (bench/presets.py; 24 layers, d_model 1024, d_h 64, vocab 50304, bf16): T6 (h 47,
 R_Q 6, R 2), T6-KVonly (h 29), MHA-16, GQA-4 (28 query / 4 kv heads), GQA-2 (30 / 2, the
 authors' medium GQA), MQA (31 / 1), MLA (23 heads, kv_lora 256, rope 32). Per twin:
-  cache     bytes per token, all layers: the engine's FactorCacheSpec (MLA: the formula
-            runner/factor_cache.cache_bytes_per_token, no paged MLA cache yet)
+  cache     bytes per token, all layers: the engine's FactorCacheSpec (MLA: its latent
+            rows, kv_lora + rope a layer)
   capacity  sequences of 32K tokens that fit a 16 GiB cache, as the engine shows it: the
             server started with --cache-memory 16GiB reports tpaserve:factor_cache_blocks_total
             on /metrics; capacity = blocks // ceil(32768 / block_size)
   decode    one layer's paged decode attention (kernels.ops.paged_attention over the twin's
-            cache, split-K, shuffled block tables), do_bench median at 64 x 32K and 64 x 128K;
+            cache, MLA: kernels.ops.mla_attention over its latent cache; split-K, shuffled
+            block tables), do_bench median at 64 x 32K and 64 x 128K;
             "% copy" = cache bytes read / time / device copy bandwidth
   served    bench.serve against that server (token-id prompts, ignore_eos, temperature 1):
             output tok/s at concurrency 64 and 256 (prompt 512, 128 new tokens), TTFT p50 and
             TPOT at 4 concurrent 32K-token prompts (32 new tokens)
-A twin the engine refuses (MLA until branch mla-serve lands) gets its cache bytes and one
-line saying why the rest is missing. Sized for the device call's ~8 minutes (see WORKLOADS):
+A twin the engine refuses (none since MLA is served) gets its cache bytes and one line
+saying why the rest is missing. Sized for the device call's ~8 minutes (see WORKLOADS):
 each twin's server steps have time limits and everything stops at --budget-s; family.json
 is rewritten after every twin, so a cut-off run keeps what it measured. --smoke runs the
 same steps end to end on the CPU with 2-layer twins and tiny contexts (its numbers mean
@@ -149,6 +150,8 @@ def decode_point(cfg, batch: int, ctx: int, w: Workload) -> dict:
     rnd = lambda *shape: torch.randn(*shape, device=dev, dtype=dtype, generator=g)  # noqa: E731
     nblk = -(-ctx // bs)
     nb = batch * nblk
+    if s.latent:
+        return _latent_decode_point(s, batch, ctx, nb, rnd, w)
     q = rnd(batch, s.n_head, s.head_dim)                                 # (B, h, d_h)
     bk, bv = rnd(nb, bs, s.k_rank, s.head_dim), rnd(nb, bs, s.v_rank, s.head_dim)
     ak = None if s.const_a else rnd(nb, bs, s.n_head, s.k_rank)          # (blocks, bs, h, R)
@@ -172,6 +175,33 @@ def decode_point(cfg, batch: int, ctx: int, w: Workload) -> dict:
     return out                          # the caches go with this frame (empty_cache: caller)
 
 
+def _latent_decode_point(s, batch: int, ctx: int, nb: int, rnd, w: Workload) -> dict:
+    """decode_point for MLA: its absorbed kernel over a latent cache (kv_lora + rope rows)."""
+    import torch
+
+    from tpaserve.kernels.ops import make_workspace, mla_attention
+    from tpaserve.kernels.reference import mla_attention_ref
+    dev, row = w.device, s.kv_lora + s.rope_dim
+    q = rnd(batch, s.n_head, row)                                   # [q_lat, q_pe] (B, h, row)
+    cache = rnd(nb, w.block_size, row)                              # (blocks, bs, row)
+    tables = torch.randperm(nb, device=dev).to(torch.int32).view(batch, -1)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device=dev)
+    ws = make_workspace(batch, s.n_head, s.kv_lora, device=dev)
+    scale = s.head_dim ** -0.5                                      # 1 / sqrt(nope + rope)
+    run = lambda: mla_attention(q, cache, tables, seq_lens, qsl, 1, ctx, s.kv_lora,  # noqa: E731
+                                scale, workspace=ws)
+    out = dict(batch=batch, context=ctx, bytes=batch * ctx * s.bytes_per_token // s.n_layer)
+    if batch * ctx <= 2 * 4096:
+        want = mla_attention_ref(q.cpu().float(), cache.cpu().float(), tables.cpu(),
+                                 seq_lens.cpu(), qsl.cpu(), s.kv_lora, scale)
+        got = run().float().cpu()
+        out["rel_err"] = ((got - want).norm() / want.norm()).item()
+        assert out["rel_err"] < 2e-2, out
+    out["ms"] = _median_ms(run, dev)
+    return out
+
+
 def copy_bandwidth_gbs() -> float:
     import torch
     from triton.testing import do_bench
@@ -191,10 +221,6 @@ def decode_main(args: argparse.Namespace) -> None:
         info = cache_info(cfg, w)
         if "engine_refuses" in info:
             rows[name] = dict(skipped=f"no paged decode kernel: {info['engine_refuses']}")
-        elif name == "MLA":     # served after mla-serve, but its latent cache is not a factor
-            # cache: decode_point would time the wrong thing
-            rows[name] = dict(skipped="MLA's decode op is not wired into bench/family.py yet "
-                              "(decode_point builds factor caches)")
         else:
             # at a size the fp32 reference can check (the timed points are too big for it)
             check = decode_point(cfg, 2, 1000, w)["rel_err"] if w.device == "cuda" else None

@@ -9,8 +9,7 @@
 #            then per twin, in the order T6, GQA-2, MHA-16, MQA, GQA-4, T6-KVonly, MLA:
 #            checkpoint ~10 s, server start ~20 s (16 GiB cache, CUDA graphs), warm-up and
 #            c=64 (128 prompts) + c=256 (256 prompts) of 512 + 128 tokens ~15 s, four 32K
-#            prompts + 32 tokens ~10 s; MLA costs its checkpoint and the engine's refusal
-#            (~20 s) until branch mla-serve lands. A twin that does not fit the budget is
+#            prompts + 32 tokens ~10 s; MLA (served since branch mla-serve) the same. A twin that does not fit the budget is
 #            recorded as "out of time"; family.json is rewritten after every twin.
 # Afterwards, on the CPU side (matplotlib is not on the device):
 #   python -m bench.family --report <files_at>/family/family.json \

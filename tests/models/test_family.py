@@ -9,9 +9,10 @@ head_dim != n_embd / n_head, sequences of 1, 37 and 130 tokens packed in one fla
 - exact fp32 tables (rope_tables="exact") match the authors' forward run with exact tables
   just as tightly, and differ from the bf16-table forward by far more than LP_TOL, so the
   comparison above can tell the two apart.
-The paged engine serves T6 and MHA / GQA / MQA (constant-A factor cache): load() returns
-them, and an engine started from their checkpoint directory generates what the reference
-does and reports the variant's bytes per token; MLA is a one-line CheckpointError.
+The paged engine serves every variant (T6 factors, MHA / GQA / MQA as constant-A factors,
+MLA's latent cache): an engine started from an authors' checkpoint directory generates what
+the reference does, its prompt logprobs match the authors' forward, and it reports the
+variant's bytes per token.
 """
 from __future__ import annotations
 
@@ -130,21 +131,12 @@ def test_tpaserve_checkpoint_keeps_its_tables(tmp_path):
     assert loaded.cfg == dataclasses.replace(mla.cfg, name="d")
 
 
-def test_paged_engine_refuses_mla_in_one_line(tmp_path):
-    cfg, fmt, _ = VARIANTS["mla"]
-    path = save_authors_checkpoint(AuthorsGPT(cfg).randomize(0, 0.1), tmp_path, fmt)
-    with pytest.raises(CheckpointError) as e:
-        load(path, dtype="float32", device="cpu")
-    msg = str(e.value)
-    assert "\n" not in msg and "not implemented yet" in msg
-    assert msg.split(" is ")[1].startswith("MLA")
-
-
-@pytest.mark.parametrize("name", ["mha", "gqa", "mqa"])
-def test_paged_engine_serves_dense_checkpoints(name, tmp_path, caplog):
-    """An authors' MHA / GQA / MQA checkpoint through EngineCore's own load(): greedy tokens
-    equal reference generation; the start-up log and /metrics give the variant's bytes per
-    token (2 n_kv d_h a layer) and the saving against the same model's MHA twin."""
+@pytest.mark.parametrize("name", ["mha", "gqa", "mqa", "mla"])
+def test_paged_engine_serves_family_checkpoints(name, tmp_path, caplog):
+    """An authors' MHA / GQA / MQA / MLA checkpoint through EngineCore's own load(): greedy
+    tokens equal reference generation; the start-up log and /metrics give the variant's
+    bytes per token (2 n_kv d_h a layer; MLA kv_lora + rope) and the saving against the
+    same model's MHA twin (MLA: h (nope + rope + v))."""
     import logging
 
     from tests.reference import reference_generate
@@ -161,12 +153,17 @@ def test_paged_engine_serves_dense_checkpoints(name, tmp_path, caplog):
                                      num_blocks=40, block_size=4).create_engine_config())
     model, info = core.model, core.info
     core.close()
-    assert isinstance(model, DenseLM) and model.cfg.variant == name
     c = model.cfg
-    per_token = c.n_layer * 2 * c.n_kv_head * c.head_dim * 4
-    mha = c.n_layer * 2 * c.n_head * c.head_dim * 4
+    assert type(model) is VARIANTS[name][2] and c.variant == name
     log = "\n".join(r.getMessage() for r in caplog.records)
-    assert f"{name.upper()}: keys and values of {c.n_kv_head} kv head" in log
+    if name == "mla":
+        per_token = c.n_layer * (c.kv_lora_rank + c.qk_rope_head_dim) * 4
+        mha = c.n_layer * c.n_head * (c.q_head_dim + c.v_head_dim) * 4
+        assert f"MLA: latent of kv_lora_rank {c.kv_lora_rank}" in log
+    else:
+        per_token = c.n_layer * 2 * c.n_kv_head * c.head_dim * 4
+        mha = c.n_layer * 2 * c.n_head * c.head_dim * 4
+        assert f"{name.upper()}: keys and values of {c.n_kv_head} kv head" in log
     assert f"{per_token} B/token" in log and f"({mha / per_token:.1f}x fewer)" in log
     assert (info.bytes_per_token, info.mha_bytes_per_token) == (per_token, mha)
     EngineMetrics(info, f"family-{name}")
@@ -240,18 +237,8 @@ def test_cache_bytes_per_token_of_the_paper_sizes():
     got = {c: cache_bytes_per_token(c, torch.bfloat16) for c in (t6, mha, gqa, mqa, mla)}
     assert list(got.values()) == [24 * 444 * 2, 24 * 2048 * 2, 24 * 256 * 2, 24 * 128 * 2,
                                   24 * 288 * 2]
-    for c in (t6, mha, gqa, mqa):              # the engine's spec says the same
+    for c in (t6, mha, gqa, mqa, mla):         # the engine's spec says the same
         assert got[c] == FactorCacheSpec.from_model(c, torch.bfloat16, 16).bytes_per_token
-
-
-def test_engine_refuses_an_mla_module_in_one_line():
-    from tpaserve.config import ConfigError
-    from tpaserve.frontend.llm_engine import build_engine
-    model = MLA(MLAConfig(n_layer=1, n_head=2, n_embd=12, vocab_size=9, q_lora_rank=5,
-                          kv_lora_rank=3, qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=3))
-    with pytest.raises(ConfigError, match="not implemented yet") as e:
-        build_engine(model, device="cpu", num_blocks=8)
-    assert "\n" not in str(e.value) and "MLA" in str(e.value)
 
 
 def test_older_mla_file_reproduces_with_mla_rope_head_index(tmp_path):
@@ -270,3 +257,36 @@ def test_older_mla_file_reproduces_with_mla_rope_head_index(tmp_path):
         want = authors_logprobs(ref, seqs, exact=rope_tables == "exact")
         assert (tpaserve_logprobs(model, seqs) - want).abs().max().item() <= LP_TOL
     assert (wrong - authors_logprobs(ref, seqs, exact=False)).abs().max().item() > 0.1
+
+
+@pytest.mark.parametrize("kind", ["mla", "mla-v1"])
+def test_paged_engine_prompt_logprobs_match_the_authors_mla(kind, tmp_path):
+    """An authors' MLA checkpoint (their current file, and the older one with mla_rope
+    "head_index" in config.json) through the paged engine: its latent cache, the absorbed
+    form, chunked prefill (chunks of 16 over blocks of 5), prompt logprobs of a 130-token
+    prompt within LP_TOL of the authors' own forward with their bf16 tables."""
+    from tpaserve.frontend.llm_engine import build_engine
+    from tpaserve.sampling_params import SamplingParams
+    cfg, _, _ = VARIANTS["mla"]
+    ref = AuthorsGPT(dataclasses.replace(cfg, kind=kind)).randomize(seed=3, std=0.35).eval()
+    path = save_authors_checkpoint(ref, tmp_path, "bin", "_orig_mod.")
+    if kind == "mla-v1":
+        raw = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps(raw | {"mla_rope": "head_index"}))
+    prompt = sequences(cfg.vocab_size, seed=7)[2]                           # 130 tokens
+    with torch.no_grad():
+        want = ref.logprobs(prompt[None])[0]                                # (130, vocab)
+    model = load(path, dtype="float32", device="cpu")         # the engine core's loader
+    assert model.cfg.mla_rope == ("head_index" if kind == "mla-v1" else "positions")
+    eng = build_engine(model, device="cpu", num_blocks=40, block_size=5,
+                       max_num_batched_tokens=16)
+    eng.add_request("p", prompt.tolist(), SamplingParams(max_tokens=1, prompt_logprobs=0))
+    done = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            done[o.request_id] = o
+    got = done["p"].prompt_logprobs
+    assert got[0] is None and len(got) == len(prompt)
+    worst = max(abs(got[p][0] - want[p - 1, prompt[p]].item()) for p in range(1, len(prompt)))
+    print(f"{kind}: paged engine vs the authors' forward, max |d logprob| {worst:.2e}")
+    assert worst <= LP_TOL

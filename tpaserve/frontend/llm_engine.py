@@ -24,7 +24,7 @@ from tpaserve.sampling_params import SamplingParams
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer=None, model=None):
-        """`model`: a T6 or DenseLM (MHA / GQA / MQA) module to serve instead of loading
+        """`model`: a T6, DenseLM (MHA / GQA / MQA) or MLA module to serve instead of loading
         config.model."""
         self.tokenizer = tokenizer
         self.client = InprocClient(config, model)
@@ -86,7 +86,7 @@ class LLMEngine:
 
 
 def build_engine(model=None, tokenizer=None, **kwargs) -> LLMEngine:
-    """LLMEngine from a checkpoint directory (or a T6 / DenseLM module) and EngineArgs'
+    """LLMEngine from a checkpoint directory (or a T6 / DenseLM / MLA module) and EngineArgs'
     keywords."""
     args, module, tok = engine_args_from(model, tokenizer, **kwargs)
     return LLMEngine.from_engine_args(args, model=module, tokenizer=tok)

@@ -176,3 +176,18 @@ def output(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
             f"strides {out.stride()} on {out.device}, q is {tuple(q.shape)} {q.dtype} on "
             f"{q.device}")
     return out
+
+
+def latent_cache(cache: torch.Tensor, kv_lora: int) -> tuple[int, int, int]:
+    """MLA's per-layer cache (num_blocks, block_size, kv_lora + rope), contiguous (the
+    kernels index a row as slot * (kv_lora + rope)). Returns (num_blocks, block_size, row)."""
+    if cache.dim() != 3 or not cache.is_contiguous() or cache.dtype not in FLOAT_DTYPES:
+        raise KernelInputError(
+            f"latent_cache must be contiguous fp16/bf16/fp32 (num_blocks, block_size, "
+            f"kv_lora + rope), got shape {tuple(cache.shape)} strides {cache.stride()} "
+            f"{cache.dtype}")
+    nb, bs, row = cache.shape
+    if not isinstance(kv_lora, int) or not 0 < kv_lora < row:
+        raise KernelInputError(f"kv_lora must be an int in 1..{row - 1} (the cache row holds "
+                               f"kv_lora + rope = {row} numbers), got {kv_lora!r}")
+    return nb, bs, row

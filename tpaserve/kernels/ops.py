@@ -3,6 +3,9 @@
     store_factors(...)    write the step's factors into the paged cache (RoPE on B_K fused)
     paged_attention(...)  attend the step's queries over the cache: the decode kernel for
                           sequences with one query, the extend/prefill kernel for chunks
+MLA's latent cache has its own pair (kernels/mla_store.py, kernels/mla_decode.py):
+    store_latent(...)     write the step's [c, k_pe] rows
+    mla_attention(...)    absorbed attention over the latent (decode and chunk rows)
 
 Both take sizes as Python ints from the scheduler and never read the GPU, so a step can be
 captured in a CUDA graph (pass `workspace`, sized by decode.workspace_numel, for decode).
@@ -12,10 +15,13 @@ from __future__ import annotations
 import torch
 
 from tpaserve.kernels.decode import decode_attention, make_workspace
+from tpaserve.kernels.mla_decode import mla_attention
+from tpaserve.kernels.mla_store import store_latent
 from tpaserve.kernels.prefill import prefill_attention
 from tpaserve.kernels.store import store_factors
 
-__all__ = ["store_factors", "paged_attention", "make_workspace"]
+__all__ = ["store_factors", "paged_attention", "make_workspace", "store_latent",
+           "mla_attention"]
 
 
 def paged_attention(q: torch.Tensor, ak_cache: torch.Tensor, bk_cache: torch.Tensor,

@@ -181,6 +181,49 @@ def _const_a_attention_ref(q, bk_cache, bv_cache, block_tables, seq_lens, query_
     return out
 
 
+
+# ---------------------------------------------------------------- MLA's latent cache
+# MLA (models/mla.py) caches one row per token and layer, shared by every head:
+#     latent_cache (num_blocks, block_size, kv_lora + rope) = [c, k_pe]
+# c = kv_a_layernorm(latent) (kv_lora numbers), k_pe the shared RoPE key as the model
+# rotated it (mla_rope "head_index": not rotated). With the up-projections absorbed
+# (q_lat[h] = W_uk[h]^T q_nope[h], out[h] = W_uv[h] o_lat[h], done in the model) attention
+# over the latent is MQA with one kv "head" whose key is the whole row and whose value is c:
+#     q (T, h, kv_lora + rope) = [q_lat, q_pe], laid out like a cache row
+#     logit[t, h, m] = scale * q[t, h] . row[m]  (= q_lat . c_m + q_pe . k_pe_m)
+#     o_lat[t, h]    = sum_m p[t, h, m] c_m       (T, h, kv_lora)
+
+def store_latent_ref(c: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Tensor,
+                     latent_cache: torch.Tensor) -> None:
+    """c (T, kv_lora), k_pe (T, rope) -> their slots' rows; slot -1 rows are skipped."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    bs, kv_lora = latent_cache.size(1), c.size(-1)
+    blk, off = slots // bs, slots % bs
+    latent_cache[blk, off, :kv_lora] = c[keep].to(latent_cache.dtype)
+    latent_cache[blk, off, kv_lora:] = k_pe[keep].to(latent_cache.dtype)
+
+
+def mla_attention_ref(q: torch.Tensor, latent_cache: torch.Tensor, block_tables: torch.Tensor,
+                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, kv_lora: int,
+                      scale: float) -> torch.Tensor:
+    """Causal absorbed attention over the paged latent, fp32, per sequence (metadata as
+    above). q (T, h, kv_lora + rope) -> o_lat (T, h, kv_lora) in q's dtype."""
+    out = q.new_empty(*q.shape[:2], kv_lora)
+    qsl = query_start_loc.tolist()
+    for i, L in enumerate(seq_lens.tolist()):
+        qs, qe = qsl[i], qsl[i + 1]
+        if qe == qs:
+            continue
+        rows = gather_sequence(latent_cache, block_tables[i], L).float()   # (L, kv_lora + rope)
+        logits = torch.einsum("nhe,me->nhm", q[qs:qe].float(), rows) * scale   # (n, h, L)
+        pos = torch.arange(L - (qe - qs), L, device=q.device)
+        mask = torch.arange(L, device=q.device)[None, :] > pos[:, None]   # (n, L) future
+        logits.masked_fill_(mask[:, None, :], float("-inf"))
+        p = torch.softmax(logits, dim=-1)
+        out[qs:qe] = torch.einsum("nhm,mc->nhc", p, rows[:, :kv_lora]).to(q.dtype)
+    return out
+
 # ---------------------------------------------------------------- decode-step fusions
 # References of kernels/fused.py (the model's elementwise tails, fused on CUDA).
 

@@ -18,6 +18,17 @@ steps will find them, and attend each query over its sequence's cached factors
 (causally). The paged engine implements it over the block-paged factor cache; this file
 implements the plain full-sequence version: every sequence is given whole, nothing is
 cached, k and v are materialised. It is the oracle the paged paths are tested against.
+
+MLA (models/mla.py) is not TPA-shaped. A backend that caches its latent offers
+`latent` (LatentBackend below; the paged engine's does) and the layer then runs the
+absorbed form over it; a backend without it (this oracle) gets materialised heads through
+`dense`:
+
+    o_lat = backend.latent(layer, q, c, k_pe, scale)
+      q     (T, h, kv_lora + rope)  [W_uk^T q_nope, RoPE(q_pe)] per head
+      c     (T, kv_lora)            kv_a_layernorm of the token's latent
+      k_pe  (T, rope)               the shared key part, as cached (RoPE'd by the model)
+      o_lat (T, h, kv_lora)         softmax(scale q . [c, k_pe]) c per head (before W_uv)
 """
 from __future__ import annotations
 
@@ -34,6 +45,11 @@ class AttentionBackend(Protocol):
     def __call__(self, layer: int, q: torch.Tensor, ak: torch.Tensor, bk: torch.Tensor,
                  av: torch.Tensor, bv: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> torch.Tensor: ...
+
+
+class LatentBackend(Protocol):
+    def latent(self, layer: int, q: torch.Tensor, c: torch.Tensor, k_pe: torch.Tensor,
+               scale: float) -> torch.Tensor: ...
 
 
 def materialize(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

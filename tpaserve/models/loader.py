@@ -10,9 +10,9 @@ Rules, decided once here:
   them all as model_type "gpt2", and their KVonly configs may still carry q_rank.
 - RoPE tables: as the checkpoint was trained (config.json rope_table_dtype; absent = the
   authors' bf16-rounded tables) unless rope_tables="exact" (--rope-tables exact) asks fp32.
-- load() returns what the paged engine serves: T6 / T6-KVonly, and MHA / GQA / MQA (as
-  non-contextual TPA, runner/factor_cache.py); load_any() any variant, MLA too, for the
-  plain full-recompute forward (models/attention.FullSequenceAttention).
+- load() returns what the paged engine serves: every variant (T6 / T6-KVonly, MHA / GQA /
+  MQA as non-contextual TPA, MLA with its latent cache: runner/factor_cache.py); load_any()
+  is the same loader under the name the full-recompute tools use.
 - Keys may carry torch.compile's `_orig_mod.` prefix; it is stripped.
 - lm_head.weight is the tied embedding: it may be absent, present alongside
   transformer.wte.weight (same shape required; if the values differ we warn and keep wte,
@@ -238,18 +238,11 @@ def _check(index: dict, expected: dict[str, tuple[int, ...]], root: Path, cfg: F
 
 
 def load(path: str | Path, dtype: str | torch.dtype = "auto", device: str = "auto",
-         rope_tables: str = "trained") -> T6 | DenseLM:
-    """Checkpoint directory -> T6 or DenseLM (MHA / GQA / MQA) in eval mode, no grads,
-    weights in dtype on device: what the paged engine serves. MLA is a one-line
-    CheckpointError (load_any loads it). rope_tables: "trained" | "exact" (config.ROPE_TABLES)."""
-    model = load_any(path, dtype, device, rope_tables)
-    if not isinstance(model, (T6, DenseLM)):
-        raise CheckpointError(
-            f"{path} is {describe(model.cfg)}: tpaserve loads it for the plain full-recompute "
-            f"forward (models.loader.load_any) but serving it through the paged factor cache "
-            f"is not implemented yet (#17 item 3; MLA needs its own latent cache); the engine "
-            f"serves T6, T6-KVonly, MHA, GQA and MQA")
-    return model
+         rope_tables: str = "trained") -> DecoderLM:
+    """Checkpoint directory -> T6, DenseLM (MHA / GQA / MQA) or MLA in eval mode, no grads,
+    weights in dtype on device: what the paged engine serves (all of load_any's variants).
+    rope_tables: "trained" | "exact" (config.ROPE_TABLES)."""
+    return load_any(path, dtype, device, rope_tables)
 
 
 def load_any(path: str | Path, dtype: str | torch.dtype = "auto", device: str = "auto",

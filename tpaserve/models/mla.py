@@ -10,9 +10,18 @@ with nope = config.json head_dim, rope = qk_rope_head_dim, v = v_head_dim.
 
 Per token: q = q_b(norm(q_a x)) split per head into [q_nope, q_pe]; [c, k_pe] = kv_a x;
 [k_nope, v] = kv_b(norm(c)) per head; RoPE on q_pe and on the one shared k_pe;
-k = [k_nope, k_pe]; scale 1/sqrt(nope + rope). The latent cache a server needs is c and
-RoPE(k_pe): kv_lora + rope numbers per token per layer. Here only the plain full-sequence
-forward exists (FullSequenceAttention.dense); no paged backend serves MLA yet.
+k = [k_nope, k_pe]; scale 1/sqrt(nope + rope).
+
+Two forms of the same attention (models/attention.py):
+- plain (the full-sequence oracle, FullSequenceAttention.dense): k and v materialised per
+  head from the latent, as the authors compute it;
+- absorbed (a backend with `latent`, the paged engine): the cache holds per token only
+  [norm(c), k_pe] (kv_lora + rope numbers per layer, shared by every head), and with
+  kv_b_proj viewed as W (h, nope + v, kv_lora) = [W_uk; W_uv] per head,
+      q_lat[h] = W_uk[h]^T q_nope[h]                     (one bmm over heads, in the model)
+      o_lat[h] = softmax(scale [q_lat, q_pe] . [c, k_pe]) c   (the backend, over the cache)
+      y[h]     = W_uv[h] o_lat[h]                        (one bmm over heads)
+  which equals the plain form because k_nope[h] = W_uk[h] c and v[h] = W_uv[h] c.
 
 RoPE positions (config.json `mla_rope`, absent = "positions"): "positions" follows the
 authors' current code (T6-new/model/llama-mla.py). Their older model/llama-mla.py passed
@@ -121,27 +130,48 @@ class MLAttention(nn.Module):
         return self._head_tables
 
     def forward(self, x, cos, sin, attn, kernels: bool = False) -> torch.Tensor:
-        """x (T, d); cos, sin (T, rope/2). attn must offer dense() (the full-sequence
-        oracle): no paged backend holds MLA's latent cache yet."""
+        """x (T, d); cos, sin (T, rope/2). attn: a backend with `latent` (the absorbed
+        form over a latent cache) or with `dense` (the full-sequence oracle)."""
         cfg, T = self.cfg, x.size(0)
         h, nope, rope, dv = cfg.n_head, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))).view(T, h, nope + rope)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, rope], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(c)).view(T, h, nope + dv)
-        k_nope, v = kv.split([nope, dv], dim=-1)                   # (T, h, nope), (T, h, v)
-        if cfg.mla_rope == "positions":
-            q_pe = Rotary.apply(q[..., nope:], cos, sin)                          # (T, h, rope)
-            k_pe = Rotary.apply(k_pe.view(T, 1, rope), cos, sin)      # (T, 1, rope), shared
-        else:               # the older file: head j's q_pe turned by angle(j), k_pe by 0
-            cos_h, sin_h = self.head_tables(x.device)                       # (h, rope/2)
-            q_pe = Rotary.apply(q[..., nope:].transpose(0, 1), cos_h, sin_h).transpose(0, 1)
-            k_pe = k_pe.view(T, 1, rope)
-        q = torch.cat((q[..., :nope], q_pe), dim=-1)                  # (T, h, nope + rope)
-        k = torch.cat((k_nope, k_pe.expand(T, h, rope)), dim=-1)      # (T, h, nope + rope)
-        y = attn.dense(self.layer, q, k, v)                                       # (T, h, v)
+        c = self.kv_a_layernorm(c)                                        # (T, kv_lora)
+        q_pe, k_pe = self._rope(q[..., nope:], k_pe, cos, sin)   # (T, h, rope), (T, 1, rope)
+        if hasattr(attn, "latent"):
+            y = self._absorbed(attn, q[..., :nope], q_pe, c, k_pe.view(T, rope))
+        else:
+            kv = self.kv_b_proj(c).view(T, h, nope + dv)
+            k_nope, v = kv.split([nope, dv], dim=-1)               # (T, h, nope), (T, h, v)
+            q = torch.cat((q[..., :nope], q_pe), dim=-1)              # (T, h, nope + rope)
+            k = torch.cat((k_nope, k_pe.expand(T, h, rope)), dim=-1)  # (T, h, nope + rope)
+            y = attn.dense(self.layer, q, k, v)                                   # (T, h, v)
         if self.subln is not None:
             y = self.subln(y)
         return linear(y.reshape(T, h * dv), self.c_proj.weight, kernels)
+
+    def _absorbed(self, attn, q_nope, q_pe, c, k_pe) -> torch.Tensor:
+        """q_nope (T, h, nope), q_pe (T, h, rope), c (T, kv_lora), k_pe (T, rope) -> (T, h, v)."""
+        cfg = self.cfg
+        nope = cfg.qk_nope_head_dim
+        w = self.kv_b_proj.weight.view(cfg.n_head, nope + cfg.v_head_dim, cfg.kv_lora_rank)
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w[:, :nope])             # (h, T, kv_lora)
+        q = torch.cat((q_lat.transpose(0, 1), q_pe), dim=-1)     # (T, h, kv_lora + rope)
+        o_lat = attn.latent(self.layer, q, c, k_pe, 1.0 / cfg.q_head_dim ** 0.5)
+        y = torch.bmm(o_lat.transpose(0, 1), w[:, nope:].transpose(1, 2))        # (h, T, v)
+        return y.transpose(0, 1)                                                 # (T, h, v)
+
+    def _rope(self, q_pe, k_pe, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_pe (T, h, rope), k_pe (T, rope) -> rotated (T, h, rope), (T, 1, rope)."""
+        T, rope = k_pe.size(0), self.cfg.qk_rope_head_dim
+        if self.cfg.mla_rope == "positions":
+            q_pe = Rotary.apply(q_pe, cos, sin)                               # (T, h, rope)
+            k_pe = Rotary.apply(k_pe.reshape(T, 1, rope), cos, sin)   # (T, 1, rope), shared
+        else:               # the older file: head j's q_pe turned by angle(j), k_pe by 0
+            cos_h, sin_h = self.head_tables(q_pe.device)                    # (h, rope/2)
+            q_pe = Rotary.apply(q_pe.transpose(0, 1), cos_h, sin_h).transpose(0, 1)
+            k_pe = k_pe.reshape(T, 1, rope)
+        return q_pe, k_pe
 
 
 class MLA(DecoderLM):

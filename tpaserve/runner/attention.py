@@ -1,7 +1,8 @@
 """The paged engine's implementation of the models' attention interface
 (models/attention.py): store the step's factors into their cache slots, then attend each
-query over its sequence's cached factors. The ops are the Triton kernels on CUDA and the
-torch references elsewhere; both take the same arguments."""
+query over its sequence's cached factors (MLA: `latent`, over its latent rows). The ops
+are the Triton kernels on CUDA and the torch references elsewhere; both take the same
+arguments."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,6 +41,14 @@ class TorchOps:
         return reference.paged_attention_ref(q, ak, bk, av, bv, block_tables, seq_lens,
                                              query_start_loc, scale)
 
+    store_latent = staticmethod(reference.store_latent_ref)
+
+    @staticmethod
+    def mla_attention(q, latent_cache, block_tables, seq_lens, query_start_loc, max_query_len,
+                      max_seq_len, kv_lora, scale, workspace=None):
+        return reference.mla_attention_ref(q, latent_cache, block_tables, seq_lens,
+                                           query_start_loc, kv_lora, scale)
+
 
 def select_ops(device: torch.device):
     if device.type == "cuda":
@@ -61,3 +70,13 @@ class PagedAttention:
         return self.ops.paged_attention(q, ak_c, bk_c, av_c, bv_c, m.block_tables, m.seq_lens,
                                         m.query_start_loc, m.max_query_len, m.max_seq_len,
                                         workspace=self.workspace, prefill_work=m.prefill_work)
+
+    def latent(self, layer: int, q: torch.Tensor, c: torch.Tensor, k_pe: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """MLA (models/attention.LatentBackend): store the step's [c, k_pe] rows, then
+        q (T, h, kv_lora + rope) -> o_lat (T, h, kv_lora) over each sequence's rows."""
+        m, cache = self.meta, self.cache.latent[layer]
+        self.ops.store_latent(c, k_pe, m.slot_mapping, cache)
+        return self.ops.mla_attention(q, cache, m.block_tables, m.seq_lens, m.query_start_loc,
+                                      m.max_query_len, m.max_seq_len, c.size(-1), scale,
+                                      workspace=self.workspace)

@@ -121,7 +121,7 @@ class ModelRunner:
         self.block_size, self.max_model_len = spec.block_size, max_model_len
         self.ops = select_ops(device)
         self.workspace = self.ops.make_workspace(max(max_num_seqs, 1), spec.n_head,
-                                                 spec.head_dim, device=device)
+                                                 spec.out_dim, device=device)
         max_blocks = -(-max_model_len // spec.block_size)
         self.buf = StepBuffers(max(max_num_batched_tokens, max_num_seqs), max_num_seqs,
                                max_blocks, model.cfg.vocab_size, work_items, device)
