@@ -1,8 +1,10 @@
-"""MHA, GQA and MQA through the paged engine (constant-A factor cache, CPU, fp32, the torch
-reference ops) against reference generation (a full recompute per token, tests/reference.py).
+"""MHA, GQA, MQA (constant-A factor cache) and MLA (latent cache, absorbed form) through the
+paged engine (CPU, fp32, the torch reference ops) against reference generation (a full
+recompute per token with the model's plain forward, tests/reference.py).
 
-Each test runs for every variant (n_head 6: 6 kv heads, 2 kv heads = groups of 3, 1 kv head)
-and under the three scheduling regimes of test_engine_e2e.py (sync, async, rounds of 4):
+The scenarios run for every variant (n_head 6: 6 kv heads, 2 kv heads = groups of 3, 1 kv
+head; MLA with both RoPE conventions, test_engine_mla.make_mla) and under the three
+scheduling regimes of test_engine_e2e.py (sync, async, rounds of 4):
 batched greedy requests with chunked prefill, preemption under a tiny cache with greedy and
 seeded requests, prefix-cache hits (with preemption and eviction), logprobs and prompt
 logprobs, n > 1 siblings. Every test ends with assert_drained (no request, every block free).
@@ -16,29 +18,45 @@ import pytest
 from tests.engine.test_engine_e2e import (  # noqa: F401  (scheduler_steps: autouse fixture)
     ENGINE_ARGS,
     GREEDY,
+    LP_TOL,
     SAMPLED,
     V,
     assert_drained,
     assert_logprob_entries,
     engine,
     random_prompts,
+    ref_logprobs,
     run,
     scheduler_steps,
     tokens,
 )
+from tests.engine.test_engine_mla import make_mla
 from tests.reference import reference_generate, reference_prompt_logprobs
 from tpaserve.models.dense import DenseConfig, DenseLM
 from tpaserve.sampling_params import SamplingParams
 
 KV_HEADS = {"mha": 6, "gqa": 2, "mqa": 1}
+MLA_ROPE = {"mla": "positions", "mla-head-index": "head_index"}
+
+
+def make_dense(variant: str) -> DenseLM:
+    cfg = DenseConfig(n_layer=2, n_head=6, n_kv_head=KV_HEADS[variant], head_dim=8,
+                      n_embd=32, vocab_size=V, max_position=256)
+    assert cfg.variant == variant
+    return DenseLM(cfg).init_random(seed=1, std=0.3).eval()
 
 
 @pytest.fixture(scope="module", params=list(KV_HEADS))
 def dense(request) -> DenseLM:
-    cfg = DenseConfig(n_layer=2, n_head=6, n_kv_head=KV_HEADS[request.param], head_dim=8,
-                      n_embd=32, vocab_size=V, max_position=256)
-    assert cfg.variant == request.param
-    return DenseLM(cfg).init_random(seed=1, std=0.3).eval()
+    return make_dense(request.param)
+
+
+@pytest.fixture(scope="module", params=list(KV_HEADS) + list(MLA_ROPE))
+def model(request):
+    """Every baseline of the family (T6 itself: test_engine_e2e.py)."""
+    if request.param in MLA_ROPE:
+        return make_mla(MLA_ROPE[request.param])
+    return make_dense(request.param)
 
 
 def test_cache_holds_only_the_kv_heads(dense):
@@ -53,63 +71,61 @@ def test_cache_holds_only_the_kv_heads(dense):
     assert c.variant.upper() in spec.summary(16)
 
 
-def test_concurrent_greedy_requests_with_chunked_prefill_equal_reference(dense):
+def test_concurrent_greedy_requests_with_chunked_prefill_equal_reference(model):
     prompts = random_prompts(12, 1, 40, seed=2)
     rng = random.Random(3)
     params = [SamplingParams(max_tokens=rng.randint(1, 12), **GREEDY) for _ in prompts]
-    eng = engine(dense, num_blocks=256, block_size=4, max_num_batched_tokens=24)
+    eng = engine(model, num_blocks=256, block_size=4, max_num_batched_tokens=24)
     done = run(eng, [(str(i), p, sp) for i, (p, sp) in enumerate(zip(prompts, params))])
     for i, (p, sp) in enumerate(zip(prompts, params)):
-        assert tokens(done[str(i)]) == reference_generate(dense, p, sp, None), i
+        assert tokens(done[str(i)]) == reference_generate(model, p, sp, None), i
     assert_drained(eng)
 
 
-def test_preemption_under_a_tiny_cache_keeps_outputs(dense):
+def test_preemption_under_a_tiny_cache_keeps_outputs(model):
     prompts = random_prompts(8, 6, 20, seed=11)
     params = [SamplingParams(max_tokens=14, **(GREEDY if i % 2 else dict(SAMPLED, seed=i)))
               for i in range(8)]
-    eng = engine(dense, num_blocks=11, block_size=4, max_num_batched_tokens=16)
+    eng = engine(model, num_blocks=11, block_size=4, max_num_batched_tokens=16)
     done = run(eng, [(str(i), p, sp) for i, (p, sp) in enumerate(zip(prompts, params))])
     assert eng.core.scheduler.num_preemptions > 0
     for i, (p, sp) in enumerate(zip(prompts, params)):
-        assert tokens(done[str(i)]) == reference_generate(dense, p, sp, None), i
+        assert tokens(done[str(i)]) == reference_generate(model, p, sp, None), i
     assert_drained(eng)
 
 
-def test_prefix_hits_with_preemption_and_eviction(dense):
+def test_prefix_hits_with_preemption_and_eviction(model):
     rng = random.Random(9)
     prefix = [rng.randrange(V) for _ in range(14)]
     prompts = [prefix + [rng.randrange(V) for _ in range(rng.randint(1, 9))] for _ in range(8)]
     sp = SamplingParams(max_tokens=10, **GREEDY)
-    eng = engine(dense, num_blocks=13, block_size=4, max_num_batched_tokens=16)
+    eng = engine(model, num_blocks=13, block_size=4, max_num_batched_tokens=16)
     run(eng, [("warm", prompts[0], sp)])
     done = run(eng, [(str(i), p, sp) for i, p in enumerate(prompts)])
     assert eng.core.blocks.prefix_hits > 0 and eng.core.scheduler.num_preemptions > 0
     assert any(done[str(i)].num_cached_tokens >= 12 for i in range(8))
     for i, p in enumerate(prompts):
-        assert tokens(done[str(i)]) == reference_generate(dense, p, sp, None), i
+        assert tokens(done[str(i)]) == reference_generate(model, p, sp, None), i
     assert_drained(eng)
 
 
-def test_logprobs_prompt_logprobs_and_siblings(dense):
-    from tests.engine.test_engine_e2e import ref_logprobs
+def test_logprobs_prompt_logprobs_and_siblings(model):
     prompts = random_prompts(3, 2, 25, seed=31)
-    eng = engine(dense, max_num_batched_tokens=9)
+    eng = engine(model, max_num_batched_tokens=9)
     plp = SamplingParams(max_tokens=0, prompt_logprobs=3)
     lp = SamplingParams(max_tokens=5, logprobs=2, **GREEDY)
     sib = SamplingParams(n=3, max_tokens=6, seed=42, **SAMPLED)
     done = run(eng, [("p", prompts[0], plp), ("l", prompts[1], lp), ("s", prompts[2], sib)])
     assert_logprob_entries(done["p"].prompt_logprobs,
-                           reference_prompt_logprobs(dense, prompts[0], 3))
+                           reference_prompt_logprobs(model, prompts[0], 3))
     got = done["l"].outputs[0]
-    assert got.token_ids == reference_generate(dense, prompts[1], lp, None)
+    assert got.token_ids == reference_generate(model, prompts[1], lp, None)
     ids = list(prompts[1])
     for tok, entry in zip(got.token_ids, got.logprobs):
-        want = ref_logprobs(dense, ids)
-        assert entry[0] == pytest.approx(want[tok].item(), abs=1e-4)
+        assert entry[0] == pytest.approx(ref_logprobs(model, ids)[tok].item(), abs=LP_TOL)
         ids.append(tok)
     for i, o in enumerate(done["s"].outputs):
-        want = reference_generate(dense, prompts[2], SamplingParams(
+        want = reference_generate(model, prompts[2], SamplingParams(
             max_tokens=6, seed=42 + i, **SAMPLED), None)
         assert o.token_ids == want, i
     assert_drained(eng)

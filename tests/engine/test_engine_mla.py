@@ -3,17 +3,14 @@ reference ops) against reference generation: a full recompute per token with mla
 plain forward (materialised heads, tests/reference.py). Absorption changes only the
 summation order, so greedy tokens must be equal and logprobs within LP_TOL.
 
-Each test runs for both RoPE conventions (mla_rope "positions" with groupnorm; the older
-file's "head_index", whose cache holds k_pe unrotated) and under the three scheduling
-regimes of test_engine_e2e.py (sync, async, rounds of 4): batched greedy requests with
-chunked prefill, preemption under a tiny cache with greedy and seeded requests, prefix-cache
-hits (with preemption and eviction), logprobs, prompt logprobs and n > 1 siblings; the
-Triton ops (interpreter) through the padded CUDA-graph paths. Every test ends with
-assert_drained (no request, every block free).
+Both RoPE conventions (mla_rope "positions" with groupnorm; the older file's "head_index",
+whose cache holds k_pe unrotated): the cache's layout and sizes, the Triton ops
+(interpreter) through the padded CUDA-graph paths, the absorbed forward against the plain
+one, the fp8 refusal. The scheduling scenarios (batched greedy with chunked prefill,
+preemption, prefix hits with eviction, logprobs, prompt logprobs, n > 1, under the three
+regimes) run for MLA with the rest of the family in test_engine_family.py.
 """
 from __future__ import annotations
-
-import random
 
 import pytest
 import torch
@@ -22,13 +19,11 @@ from tests.engine.test_engine_e2e import (  # noqa: F401  (scheduler_steps: auto
     ENGINE_ARGS,
     GREEDY,
     LP_TOL,
-    SAMPLED,
     V,
     assert_drained,
     assert_logprob_entries,
     engine,
     random_prompts,
-    ref_logprobs,
     run,
     scheduler_steps,
     tokens,
@@ -63,66 +58,6 @@ def test_cache_is_the_latent_rows(mla):
     # against the same model's MHA twin: 3 heads of keys (6 + 4) and values
     assert spec.mha_bytes_per_token == 2 * 3 * (10 + c.v_head_dim) * 4
     assert "MLA: latent of kv_lora_rank 7" in spec.summary(16)
-    assert_drained(eng)
-
-
-def test_concurrent_greedy_requests_with_chunked_prefill_equal_reference(mla):
-    prompts = random_prompts(10, 1, 40, seed=2)
-    rng = random.Random(3)
-    params = [SamplingParams(max_tokens=rng.randint(1, 12), **GREEDY) for _ in prompts]
-    eng = engine(mla, num_blocks=256, block_size=4, max_num_batched_tokens=24)
-    done = run(eng, [(str(i), p, sp) for i, (p, sp) in enumerate(zip(prompts, params))])
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        assert tokens(done[str(i)]) == reference_generate(mla, p, sp, None), i
-    assert_drained(eng)
-
-
-def test_preemption_under_a_tiny_cache_keeps_outputs(mla):
-    prompts = random_prompts(8, 6, 20, seed=11)
-    params = [SamplingParams(max_tokens=14, **(GREEDY if i % 2 else dict(SAMPLED, seed=i)))
-              for i in range(8)]
-    eng = engine(mla, num_blocks=11, block_size=4, max_num_batched_tokens=16)
-    done = run(eng, [(str(i), p, sp) for i, (p, sp) in enumerate(zip(prompts, params))])
-    assert eng.core.scheduler.num_preemptions > 0
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        assert tokens(done[str(i)]) == reference_generate(mla, p, sp, None), i
-    assert_drained(eng)
-
-
-def test_prefix_hits_with_preemption_and_eviction(mla):
-    rng = random.Random(9)
-    prefix = [rng.randrange(V) for _ in range(14)]
-    prompts = [prefix + [rng.randrange(V) for _ in range(rng.randint(1, 9))] for _ in range(8)]
-    sp = SamplingParams(max_tokens=10, **GREEDY)
-    eng = engine(mla, num_blocks=13, block_size=4, max_num_batched_tokens=16)
-    run(eng, [("warm", prompts[0], sp)])
-    done = run(eng, [(str(i), p, sp) for i, p in enumerate(prompts)])
-    assert eng.core.blocks.prefix_hits > 0 and eng.core.scheduler.num_preemptions > 0
-    assert any(done[str(i)].num_cached_tokens >= 12 for i in range(8))
-    for i, p in enumerate(prompts):
-        assert tokens(done[str(i)]) == reference_generate(mla, p, sp, None), i
-    assert_drained(eng)
-
-
-def test_logprobs_prompt_logprobs_and_siblings(mla):
-    prompts = random_prompts(3, 2, 25, seed=31)
-    eng = engine(mla, max_num_batched_tokens=9)
-    plp = SamplingParams(max_tokens=0, prompt_logprobs=3)
-    lp = SamplingParams(max_tokens=5, logprobs=2, **GREEDY)
-    sib = SamplingParams(n=3, max_tokens=6, seed=42, **SAMPLED)
-    done = run(eng, [("p", prompts[0], plp), ("l", prompts[1], lp), ("s", prompts[2], sib)])
-    assert_logprob_entries(done["p"].prompt_logprobs,
-                           reference_prompt_logprobs(mla, prompts[0], 3))
-    got = done["l"].outputs[0]
-    assert got.token_ids == reference_generate(mla, prompts[1], lp, None)
-    ids = list(prompts[1])
-    for tok, entry in zip(got.token_ids, got.logprobs):
-        assert entry[0] == pytest.approx(ref_logprobs(mla, ids)[tok].item(), abs=LP_TOL)
-        ids.append(tok)
-    for i, o in enumerate(done["s"].outputs):
-        want = reference_generate(mla, prompts[2], SamplingParams(
-            max_tokens=6, seed=42 + i, **SAMPLED), None)
-        assert o.token_ids == want, i
     assert_drained(eng)
 
 

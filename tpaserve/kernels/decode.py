@@ -294,6 +294,22 @@ def _decode_kernel(
                                   R_V, BS, HB, D_PAD, RK_PAD, RV_PAD, BLOCK_N, H_EVEN,
                                   CONST_A, GROUP, KV_PB, FP8)
 
+    _finish(ws_ptr, out_ptr, acc, m_i, l_i, row, b, hb, sp, stride_ot, stride_oh, n_used,
+            num_splits, ml_offset, cnt_offset, out_scale, offs_h, offs_d, h_ok, q_mask,
+            H, D, HB, SPLIT, MERGE_SB)
+
+
+@triton.jit
+def _finish(ws_ptr, out_ptr, acc, m_i, l_i, row, b, hb, sp, stride_ot, stride_oh, n_used,
+            num_splits, ml_offset, cnt_offset, out_scale, offs_h, offs_d, h_ok, q_mask,
+            H: tl.constexpr, D: tl.constexpr, HB: tl.constexpr, SPLIT: tl.constexpr,
+            MERGE_SB: tl.constexpr):
+    """A program's end, shared by every split-K decode kernel (here and mla_decode.py):
+    with one split used, the normalised rows straight to out; otherwise the partials
+    (acc (HB, D), m, l) to the workspace and, in the program that finishes last for this
+    (sequence, head block), the merge. Its counter (in the workspace's tail; zero before the
+    launch, see _Counters) counts the splits done; the merging program sets it back to zero,
+    so the next launch finds it zeroed without a memset, and split-K stays one launch."""
     if SPLIT:
         direct = n_used == 1      # a sequence short enough for one split: no partials
     else:
@@ -306,10 +322,6 @@ def _decode_kernel(
         tl.store(ws_ptr + ws_row[:, None] * D + offs_d[None, :], acc, mask=q_mask)
         tl.store(ws_ptr + ml_offset + ws_row * 2, m_i, mask=h_ok)
         tl.store(ws_ptr + ml_offset + ws_row * 2 + 1, l_i, mask=h_ok)
-        # The program that finishes last for this (sequence, head block) merges the
-        # splits, so split-K is one launch. Its counter (in the workspace's tail; zero
-        # before the launch, see _Counters) counts the splits done; the merging program
-        # sets it back to zero, so the next launch finds it zeroed without a memset.
         cnt_ptr = (ws_ptr + cnt_offset).to(tl.pointer_type(tl.int32), bitcast=True) \
             + b * tl.num_programs(0) + hb
         tl.debug_barrier()                    # every thread's partial is written

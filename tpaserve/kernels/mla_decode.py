@@ -18,7 +18,7 @@ Launch modes (the grid's third axis):
   decode  (head block, split, sequence) for sequences with exactly one query row (others
           return at once). Split-K over the context as kernels/decode.py does it, with its
           helpers: partials to a workspace (decode.workspace_numel with d_h = kv_lora), the
-          last program of a (sequence, head block) merges them (decode._merge_splits) and
+          last program of a (sequence, head block) merges them (decode._finish) and
           resets its counter (decode._Counters), so split-K stays one launch.
   rows    (head block, -, block of QB query rows) for sequences with several rows (prompt
           chunks, prefix hits): the QB rows x HB heads are the M dim (64 on CUDA, wgmma's
@@ -43,8 +43,7 @@ from tpaserve.kernels.decode import (
     LOG2E,
     DecodeConfig,
     _Counters,
-    _merge_splits,
-    _write_out,
+    _finish,
     min_split_for,
     num_splits_for,
     workspace_numel,
@@ -187,27 +186,9 @@ def _mla_kernel(
                                 cache_ptr, offs_c, offs_p, c_ok, p_ok, qk_scale, HB, C, P, BS,
                                 C_PAD, BLOCK_N, False, UPCAST)
         q_mask = h_ok[:, None] & c_ok[None, :]
-        if SPLIT:
-            direct = n_used == 1      # a context short enough for one split: no partials
-        else:
-            direct: tl.constexpr = True
-        if direct:
-            _write_out(out_ptr, row, stride_ot, stride_oh, offs_h, offs_c, h_ok, acc, l_i,
-                       1.0, C)
-        else:
-            ws_row = (b * num_splits + sp) * H + offs_h                   # (HB,)
-            tl.store(ws_ptr + ws_row[:, None] * C + offs_c[None, :], acc, mask=q_mask)
-            tl.store(ws_ptr + ml_offset + ws_row * 2, m_i, mask=h_ok)
-            tl.store(ws_ptr + ml_offset + ws_row * 2 + 1, l_i, mask=h_ok)
-            cnt_ptr = (ws_ptr + cnt_offset).to(tl.pointer_type(tl.int32), bitcast=True) \
-                + b * tl.num_programs(0) + hb
-            tl.debug_barrier()                    # every thread's partial is written
-            done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
-            if done == n_used - 1:                # the last split of this (sequence, block)
-                tl.store(cnt_ptr, 0)
-                _merge_splits(ws_ptr, out_ptr, row, b, stride_ot, stride_oh, n_used,
-                              num_splits, ml_offset, 1.0, offs_h, offs_c, h_ok, q_mask,
-                              H, C, HB, MERGE_SB)
+        _finish(ws_ptr, out_ptr, acc, m_i, l_i, row, b, hb, sp, stride_ot, stride_oh, n_used,
+                num_splits, ml_offset, cnt_offset, 1.0, offs_h, offs_c, h_ok, q_mask,
+                H, C, HB, SPLIT, MERGE_SB)
 
 
 # Interpreter (CPU tests): smallest legal tiles and splits, so short sequences still span
