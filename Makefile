@@ -13,6 +13,8 @@ else
 TORCH_SPEC ?= torch==2.13.0
 endif
 PYTEST_ARGS ?=
+# test files run in parallel workers (pytest-xdist, whole files per worker); 0: one process
+PYTEST_WORKERS ?= 2
 # guidellm, the load tool tests/api/test_load_tools.py drives, needs transformers 5 and its
 # own pins: a venv of its own, with the same torch. Best effort (the leading -): if it
 # cannot be built, that test skips and says why; .ok marks a complete install.
@@ -50,7 +52,8 @@ $(LMEVAL_VENV)/.ok:
 
 # TRITON_INTERPRET=1: Triton kernels run on the CPU interpreter (no GPU here).
 test: $(BIN)/.installed system-deps $(GUIDELLM_VENV)/.ok $(LMEVAL_VENV)/.ok
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not gpu and not slow" $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not gpu and not slow" \
+	  -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-gpu: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS)
