@@ -235,14 +235,9 @@ def _decode_kernel(
     L = tl.load(seq_lens_ptr + b)
     if row_end == row:                            # sequence has no query this step
         return
-    # this sequence's split length: a multiple of BLOCK_N (tiles stay block-aligned)
-    per = tl.maximum((L + num_splits - 1) // num_splits, min_split)
-    split_len = (per + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    lo = sp * split_len
+    lo, hi, n_used = _split_range(L, sp, num_splits, min_split, BLOCK_N)
     if (lo >= L) & (sp > 0):                      # empty split: the merge never reads it
         return
-    hi = tl.minimum(lo + split_len, L)            # num_splits * split_len >= L
-    n_used = tl.minimum(num_splits, tl.maximum((L + split_len - 1) // split_len, 1))
 
     H_EVEN: tl.constexpr = H % HB == 0
     if KV_GRID:
@@ -297,6 +292,19 @@ def _decode_kernel(
     _finish(ws_ptr, out_ptr, acc, m_i, l_i, row, b, hb, sp, stride_ot, stride_oh, n_used,
             num_splits, ml_offset, cnt_offset, out_scale, offs_h, offs_d, h_ok, q_mask,
             H, D, HB, SPLIT, MERGE_SB)
+
+
+@triton.jit
+def _split_range(L, sp, num_splits, min_split, BLOCK_N: tl.constexpr):
+    """Split sp of a sequence of L cached positions: [lo, hi) and how many splits it uses.
+    Split lengths are per sequence, a multiple of BLOCK_N (tiles stay block-aligned) and
+    at least min_split; num_splits * split_len >= L. lo >= L: an empty split."""
+    per = tl.maximum((L + num_splits - 1) // num_splits, min_split)
+    split_len = (per + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    lo = sp * split_len
+    hi = tl.minimum(lo + split_len, L)
+    n_used = tl.minimum(num_splits, tl.maximum((L + split_len - 1) // split_len, 1))
+    return lo, hi, n_used
 
 
 @triton.jit

@@ -44,6 +44,7 @@ from tpaserve.kernels.decode import (
     DecodeConfig,
     _Counters,
     _finish,
+    _split_range,
     min_split_for,
     num_splits_for,
     workspace_numel,
@@ -164,14 +165,9 @@ def _mla_kernel(
         L = tl.load(seq_lens_ptr + b)
         if row_end - row != 1:                    # no query, or a chunk (rows launch)
             return
-        # this sequence's split length: a multiple of BLOCK_N (decode.py's rule)
-        per = tl.maximum((L + num_splits - 1) // num_splits, min_split)
-        split_len = (per + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-        lo_pos = sp * split_len
+        lo_pos, hi_pos, n_used = _split_range(L, sp, num_splits, min_split, BLOCK_N)
         if (lo_pos >= L) & (sp > 0):              # empty split: the merge never reads it
             return
-        hi_pos = tl.minimum(lo_pos + split_len, L)
-        n_used = tl.minimum(num_splits, tl.maximum((L + split_len - 1) // split_len, 1))
 
         offs_h = hb * HB + tl.arange(0, HB)                               # (HB,)
         h_ok = offs_h < H
