@@ -87,8 +87,8 @@ def _arg(default: Any, help: str, *, group: str, parse=None, choices=None, metav
 class EngineArgs:
     # ---- model
     model: str | None = _arg(
-        None, "checkpoint directory (config.json + weights) of a T6, T6-KVonly, MHA, GQA or "
-        "MQA model. Default: the bundled demo model t6-demo", group="model", metavar="DIR")
+        None, "checkpoint directory (config.json + weights) of a T6, T6-KVonly, MHA, GQA, "
+        "MQA or MLA model. Default: the bundled demo model t6-demo", group="model", metavar="DIR")
     tokenizer: str | None = _arg(
         None, "tokenizer directory or file (tokenizer.json, tokenizer.model, vocab.json + "
         "merges.txt). Default: looked for in --model", group="model", metavar="PATH")
@@ -110,7 +110,7 @@ class EngineArgs:
         "auto", "factor-cache dtype. auto: the model's (--dtype); fp8: e4m3, half the bytes "
         "of bfloat16 per token (twice the sequences) at a mean |delta logprob| of ~0.06 nats "
         "against it on t6-demo (docs/kernel_notes.md); needs an sm_89+ GPU (Ada, Hopper) or the CPU; "
-        "not for MHA / GQA / MQA models", group="factor cache",
+        "not for MHA / GQA / MQA / MLA models (no A factor to hold the scale)", group="factor cache",
         choices=["auto", "bfloat16", "bf16", "float16", "fp8"])
     num_blocks: int | None = _arg(
         None, "cache blocks (overrides --cache-memory and --gpu-memory-utilization)",
