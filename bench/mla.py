@@ -1,7 +1,7 @@
 """MLA's absorbed kernel over the paged latent cache (kernels/mla_decode.py) on the GPU:
 the data that docs/kernel_notes.md's "MLA" prediction is checked against.
 
-    PYTHONPATH=. python3 bench/mla.py [--quick] [--out mla.json]
+    PYTHONPATH=. python3 bench/mla.py [--quick] [--sweep] [--out mla.json]
 
 Per shape (bf16, cache blocks of 16) and batch x context, do_bench medians of:
   mla        mla_attention decode launch (split-K heuristic, a preallocated workspace)
@@ -10,7 +10,8 @@ Per shape (bf16, cache blocks of 16) and batch x context, do_bench medians of:
              plain MHA would read (12.8x the latent's bytes at the medium sizes)
 "% copy" = bytes the call must read / time / device copy bandwidth (latent: B L (kv_lora +
 rope) 2; twin: B L h (nope + rope + v) 2). Then the rows launch (prefill) of one 2048-token
-prompt, ms per layer.
+prompt, ms per layer. --sweep: instead, the decode launch at 64 x 32K per tile config
+(head block, BLOCK_N, warps, stages) and per split count, against mla_config's choice.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from triton.testing import do_bench
 from bench.const_a import copy_bandwidth
 from tests.kernels.latent_case import make_latent_case, reference
 from tests.kernels.paged_case import rel_err
-from tpaserve.kernels.decode import make_workspace
-from tpaserve.kernels.mla_decode import mla_attention
+from tpaserve.kernels.decode import DecodeConfig, make_workspace, num_splits_for
+from tpaserve.kernels.mla_decode import mla_attention, mla_config
 
 SHAPES = {  # name: (h, kv_lora, rope, nope, v)
     "mla-medium (23, 256+32)": (23, 256, 32, 64, 64),
@@ -51,10 +52,50 @@ def latent_case(h, kv_lora, rope, batch, ctx):
                 scale=1 / math.sqrt(kv_lora / 2 + rope))
 
 
-def call(c, ws=None):
+def call(c, ws=None, config=None, num_splits=None):
     return mla_attention(c["q"], c["cache"], c["block_tables"], c["seq_lens"],
                          c["query_start_loc"], c["max_query_len"], c["max_seq_len"],
-                         c["kv_lora"], c["scale"], workspace=ws)
+                         c["kv_lora"], c["scale"], workspace=ws, config=config,
+                         num_splits=num_splits)
+
+
+# (head_block, block_n, warps, stages) per shape for --sweep: the shipped tiles and their
+# nearest rivals. The wider first sweeps (64-row blocks, 8 warps, 16-position tiles: all
+# slower) are recorded in docs/kernel_notes.md "MLA, measured".
+SWEEP = {
+    "mla-medium (23, 256+32)": [(32, 128, 4, 2), (32, 64, 4, 3), (32, 64, 4, 2)],
+    "deepseek-lite (16, 512+64)": [(16, 32, 4, 2), (16, 32, 4, 3)],
+}
+
+
+def sweep(copy_gbs, batch=64, ctx=32768):
+    """Decode launch per tile config (default splits) and per split count (default tiles)."""
+    rows = []
+    for name, shape in SHAPES.items():
+        h, kv_lora, rope, _, _ = shape
+        c = latent_case(h, kv_lora, rope, batch, ctx)
+        ws = make_workspace(batch, h, kv_lora, device="cuda")
+        nbytes = batch * ctx * (kv_lora + rope) * 2
+        want = call(c, ws).float()
+        trials = [(f"hb{t[0]} n{t[1]} {t[2]}w{t[3]}st", DecodeConfig(*t), None)
+                  for t in SWEEP[name]]
+        trials += [(f"default tiles, {s} splits", None, s) for s in (4, 8, 16, 33)]
+        for label, cfg, splits in trials:
+            try:
+                got = call(c, ws, cfg, splits).float()
+                err = ((got - want).norm() / want.norm()).item()
+                ms = do_bench(lambda: call(c, ws, cfg, splits), return_mode="median")
+            except Exception as e:  # noqa: BLE001 (a config the compiler refuses: say so)
+                print(f"{name:>26} {label:<24} failed: {str(e)[:120]}", flush=True)
+                continue
+            used = splits or num_splits_for(batch, h, ctx, cfg or mla_config(h, kv_lora, batch),
+                                            torch.device("cuda"))
+            pct = 100 * nbytes / (ms * 1e-3) / 1e9 / copy_gbs
+            rows.append({"shape": name, "variant": label, "ms": ms, "copy_pct": pct,
+                         "splits": used, "rel_err_vs_default": err})
+            print(f"{name:>26} {label:<24} {ms:7.3f} ms {pct:5.1f}%  splits {used:>2}  "
+                  f"err {err:.1e}", flush=True)
+    return rows
 
 
 def point(shape, batch, ctx, copy_gbs):
@@ -92,10 +133,15 @@ def prefill_ms(shape, n=2048):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--out", default="mla.json")
     a = ap.parse_args()
     copy_gbs = copy_bandwidth()
     print(f"copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
+    if a.sweep:
+        with open(a.out, "w") as f:
+            json.dump({"copy_gbs": copy_gbs, "sweep": sweep(copy_gbs)}, f, indent=1)
+        return
     grid = [(1, 4096), (16, 4096), (64, 4096), (16, 32768), (64, 32768), (64, 131072)]
     if a.quick:
         grid = [(1, 4096), (64, 4096), (64, 32768)]

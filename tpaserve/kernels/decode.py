@@ -388,6 +388,9 @@ class DecodeConfig:
     merge_sb: int = 0     # splits per merge step; 0: ~32 fp32 values a thread
     bt_prefetch: int = 0  # > 0: block ids of this many tiles per vector load (aligned tiles)
     kv_grid: bool = False  # constant A: one program per (kv head, head block of its group)
+    programs_per_sm: int = 0  # split-K target; 0: _TARGET_PROGRAMS_PER_SM (1-2 warp tiles)
+    resident_per_sm: int = 0  # > 0: programs an SM holds at once (shared memory bound):
+    # splits are then chosen by whole waves (wave_splits)
 
 
 # Interpreter (CPU tests): smallest legal tiles and splits, so short sequences still span
@@ -423,11 +426,25 @@ def decode_config(h: int, d_h: int, r_k: int, r_v: int, block_size: int,
     if v.INTERPRET:
         return _INTERPRET_CONFIG
     if const_a:
-        # MHA / GQA / MQA (not measured yet, docs/kernel_notes.md): 16-head blocks, one
-        # product per kv head a block reads (16 for MHA), so fewer stages than T6's.
-        # MQA (one kv head) with h <= 32 takes the paper shape's all-heads program below.
-        if not (r_k == 1 and h <= 32):
+        # MHA / GQA / MQA (r_k = kv heads). Measured on the H200 (bench/const_a.py --quick,
+        # docs/kernel_notes.md "Constant A", ms at 64 x 128K; SDPA in brackets):
+        #   MHA-16:   16-head blocks 4 warps 2 st 7.50 [7.40]; kv grid 1 warp 5 st 8.68
+        #   GQA 32/8: blocks 1w5st 3.81 [3.70]; kv grid 1w5st 3.92; blocks 4w2st 4.92
+        #   GQA 30/2: kv grid 1w5st 1.14 [1.06]; blocks 1w5st 1.21; blocks 4w2st 4.78
+        #   MQA 31/1: the paper shape's all-heads program 0.58 [0.93]; kv grid 0.67
+        # and at batch 1 x 4K the 1-warp kv grid wins every shape (0.021-0.024 ms against
+        # 0.028-0.041 for the rest), so: batch < 16 kv grid; MHA 4-warp blocks; groups of
+        # <= 8 heads (whole groups in a 16-head block) 1-warp blocks; larger groups, which
+        # 16-head blocks straddle, the kv grid.
+        group = h // r_k
+        if batch < 16:
+            return DecodeConfig(head_block=16, block_n=16, num_warps=1, num_stages=5,
+                                kv_grid=True)
+        if group == 1:
             return DecodeConfig(head_block=16, block_n=16, num_warps=4, num_stages=2)
+        if r_k > 1 or h > 32:
+            return DecodeConfig(head_block=16, block_n=16, num_warps=1, num_stages=5,
+                                kv_grid=group > 8)
     if r_k == 1 and r_v == 1 and h <= 32:
         # paper shape (h 32, R 1): all heads in one 1-warp program
         bn = 32 if block_size % 32 == 0 else 16
@@ -495,11 +512,29 @@ def num_splits_for(batch: int, h: int, max_seq_len: int, config: DecodeConfig,
     if device.type != "cuda":
         return 1
     n_hb = programs_per_sequence(h, group, config)
-    target = _TARGET_PROGRAMS_PER_SM * _sm_count(device.index or 0)
+    sms = _sm_count(device.index or 0)
+    target = (config.programs_per_sm or _TARGET_PROGRAMS_PER_SM) * sms
     s = -(-target // (batch * n_hb))
     s = min(s, MAX_SPLITS, max(1, max_seq_len // _MIN_SPLIT_TOKENS),
             -(-max_seq_len // min_split_for(batch, config)))
-    return max(1, s)
+    s = max(1, s)
+    if config.resident_per_sm:
+        s = wave_splits(batch * n_hb, s, config.resident_per_sm * sms)
+    return s
+
+
+def wave_splits(programs: int, max_splits: int, slots: int) -> int:
+    """The split count in [1, max_splits] whose grid wastes the least of its last wave, for
+    programs that fill `slots` (SMs x programs resident per SM) a wave: a grid of
+    programs * s takes ceil(programs * s / slots) waves of 1/s of the work each. Ties go to
+    more splits. MLA at 64 x 32K on the H200 (one 4-warp program per SM, 132 SMs), ms by
+    splits: 4 0.449, 5 0.653, 8 0.478, 16 0.513, 33 0.561 (docs/kernel_notes.md "MLA")."""
+    best, best_cost = 1, 1.0
+    for s in range(1, max_splits + 1):
+        cost = -(-programs * s // slots) / s
+        if cost <= best_cost:
+            best, best_cost = s, cost
+    return best
 
 
 def workspace_numel(batch: int, h: int, d_h: int, num_splits: int) -> int:

@@ -197,20 +197,32 @@ _INTERPRET_CONFIG = DecodeConfig(head_block=16, block_n=16, num_warps=4, num_sta
 # wgmma wants M >= 64; the 32 of the interpreter makes 2-row programs straddle sequences in
 # the tests). Every row of a program shares each latent tile it reads.
 _ROWS_M = 32 if v.INTERPRET else 64
+# and at most 32 positions a tile: (64, 32) scores; the decode launch's 128-position tiles
+# need 368 KB of shared memory here (the H200 has 227 KB).
+_ROWS_BLOCK_N = 32
 
 
 def mla_config(h: int, kv_lora: int, batch: int) -> DecodeConfig:
-    """Tiles per shape. NOT measured yet (no GPU run of this kernel so far): all heads of a
-    sequence in one program up to 32 (they share every row read: 23 heads -> one program of
-    32 rows), blocks of 32 above; the acc tile (HB, C_PAD) fp32 is the register budget, so
-    wide latents (512) get 8 warps and 16-position tiles. bt_prefetch / maxnreg unused."""
+    """Tiles per shape: all heads of a sequence in one program up to 32 (they share every
+    row read: 23 heads -> one program of 32 rows), blocks of 32 above. Measured on the H200
+    (bench/mla.py --sweep, decode at 64 x 32K, 33 splits, ms, % of copy; kernel_notes "MLA"):
+        (23, 256+32): (32, 128, 4 warps, 2 st) 0.561 51%; (32, 64, 4, 3) 0.589; (32, 64, 4, 2)
+        0.612; (32, 32, 2, 3) 0.633; (32, 32, 4, 2) 0.731 (the first guess); (64, 32, 4, 2)
+        0.756; (32, 32, 8, 2) 0.905; (32, 16, 4, 3) 1.125
+        (16, 512+64): (16, 32, 4, 2) 0.789 72%; (16, 32, 4, 3) 0.796; (16, 64, 4, 2) 0.935;
+        (16, 16, 4, 3) 1.194; (16, 16, 8, 2) 1.711 (the first guess); 64-row blocks 1.9-3.0
+    These programs hold most of an SM (shared memory / registers), so the split count goes
+    by whole waves (decode.wave_splits): with these tiles 4 splits 0.449 ms 63% / 0.722 78%,
+    5 splits 0.653 / 1.100, 8 0.478 / 0.737, 16 0.513 / 0.770."""
     if v.INTERPRET:
         return _INTERPRET_CONFIG
     hb = 16 if h <= 16 else 32
     c_pad = v.next_pow2(kv_lora, 16)
     if c_pad <= 256:
-        return DecodeConfig(head_block=hb, block_n=32, num_warps=4, num_stages=2)
-    return DecodeConfig(head_block=hb, block_n=16, num_warps=8, num_stages=2)
+        return DecodeConfig(head_block=hb, block_n=128, num_warps=4, num_stages=2,
+                            programs_per_sm=2, resident_per_sm=1)
+    return DecodeConfig(head_block=hb, block_n=32, num_warps=4, num_stages=2,
+                        programs_per_sm=2, resident_per_sm=1)
 
 
 def mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -267,15 +279,15 @@ def mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, block_tables: tor
     if num_splits > 1:
         _Counters.prepare(ws, cnt_offset, ml_offset + batch * num_splits * h * 2)
     common = dict(H=h, C=kv_lora, P=width - kv_lora, BS=bs, HB=hb, C_PAD=c_pad,
-                  P_PAD=v.next_pow2(width - kv_lora, 16), BLOCK_N=cfg.block_n,
-                  UPCAST=v.INTERPRET, num_stages=cfg.num_stages)
+                  P_PAD=v.next_pow2(width - kv_lora, 16), UPCAST=v.INTERPRET,
+                  num_stages=cfg.num_stages)
     args = (q, latent_cache, block_tables, seq_lens, query_start_loc, out, ws, q.stride(0),
             q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), batch)
     qk_scale = float(scale) * LOG2E
     merge_sb = cfg.merge_sb or max(1, 32 * 32 * cfg.num_warps // (hb * c_pad))
     _mla_kernel[(n_hb, num_splits, batch)](
         *args, min_split_for(batch, cfg), num_splits, ml_offset, cnt_offset, qk_scale,
-        ROWS=False, QB=1, SPLIT=num_splits > 1, MERGE_SB=merge_sb,
+        ROWS=False, QB=1, SPLIT=num_splits > 1, MERGE_SB=merge_sb, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, **common)
     if max_query_len > 1:
         qb = max(1, _ROWS_M // hb)
@@ -283,5 +295,5 @@ def mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, block_tables: tor
         warps = 8 if qb * hb * c_pad >= 64 * 256 else cfg.num_warps
         _mla_kernel[(n_hb, 1, triton.cdiv(T, qb))](
             *args, 1, 1, 0, 0, qk_scale, ROWS=True, QB=qb, SPLIT=False, MERGE_SB=1,
-            num_warps=warps, **common)
+            BLOCK_N=min(cfg.block_n, _ROWS_BLOCK_N), num_warps=warps, **common)
     return out
